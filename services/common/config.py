@@ -1,0 +1,379 @@
+"""The one config tree of a run: pydantic v2, ``extra="forbid"``, a docstring and bounds on every field.
+
+Load order: defaults < YAML file < ``--set a.b=c`` overrides (``load_config``). Errors name the field,
+the bad value and what is allowed. This module imports no torch / vllm / deepspeed (tested), so the
+coordinator can validate a config before any heavy import and ``--dry-run`` stays instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field, the value and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Section):
+    """The policy to train."""
+
+    path: str = "tiny:countdown"
+    """HF model directory or hub id; ``tiny:countdown`` builds (or reuses) the shipped tiny base model."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype for learner and engine; CPU runs use float32 (bf16 only where the CPU supports it)."""
+    max_model_len: int = Field(128, ge=16, le=131072)
+    """Prompt + response tokens the engine must fit."""
+
+
+class DataConfig(_Section):
+    """Where prompts come from."""
+
+    task: Literal["countdown"] = "countdown"
+    """Task kind; selects the dataset format and the verifier rule."""
+    train_path: str | None = None
+    """Countdown-Tasks file (JSONL or Parquet with ``nums``, ``target``); None generates problems."""
+    eval_path: str | None = None
+    """Held-out problems file; None uses the tiny model's generated held-out set."""
+    seed: int = Field(1234, ge=0)
+    """Seed of the problem generator and of the dataset shuffle."""
+    train_size: int = Field(4096, ge=1, le=10_000_000)
+    """Number of generated training problems (ignored with ``train_path``)."""
+    min_nums: int = Field(3, ge=2, le=6)
+    """Fewest numbers per generated problem."""
+    max_nums: int = Field(4, ge=2, le=6)
+    """Most numbers per generated problem."""
+    max_num: int = Field(20, ge=1, le=1000)
+    """Generated numbers are drawn from 1..max_num."""
+    max_target: int = Field(100, ge=1, le=100_000)
+    """Generated targets lie in 1..max_target."""
+
+    @model_validator(mode="after")
+    def _nums_range(self) -> DataConfig:
+        if self.max_nums < self.min_nums:
+            raise ValueError(f"max_nums ({self.max_nums}) must be >= min_nums ({self.min_nums})")
+        return self
+
+
+class GeneratorConfig(_Section):
+    """vLLM rollout actors."""
+
+    num_actors: int = Field(1, ge=1, le=1024)
+    """Generator actors (one vLLM engine each)."""
+    temperature: float = Field(1.0, gt=0.0, le=4.0)
+    """Rollout sampling temperature (the paper samples at 1.0)."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass; 1.0 keeps behaviour log-probs those of the full softmax."""
+    max_tokens: int = Field(48, ge=1, le=131072)
+    """Most response tokens per sample."""
+    seed: int = Field(0, ge=0)
+    """Base sampling seed; each actor offsets it by its rank."""
+    enforce_eager: bool = True
+    """Skip graph capture / torch.compile (faster start on small CPU machines)."""
+    kv_cache_gib: float = Field(1.0, gt=0.0, le=1024.0)
+    """KV-cache memory per engine (VLLM_CPU_KVCACHE_SPACE on CPU)."""
+
+
+class VerifierConfig(_Section):
+    """Scoring workers and their sandbox."""
+
+    num_workers: int = Field(1, ge=1, le=1024)
+    """Verifier worker actors consuming the rollouts stream."""
+    sandbox: Literal["nsjail", "bwrap", "none"] = "nsjail"
+    """Isolation backend for code tasks; ``none`` is rlimits only."""
+    allow_unsandboxed_code: bool = False
+    """Let the training loop run code tasks with ``sandbox: none`` (refused otherwise)."""
+    timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
+    """Wall-clock limit per scored item."""
+
+
+class LearnerConfig(_Section):
+    """The DeepSpeed learner group and its objective (docs/OBJECTIVES.md)."""
+
+    objective: Literal["lpo_fwd", "lpo_rev", "pg", "pointwise"] = "lpo_fwd"
+    """Loss: LPO forward/reverse KL projection, the paired PG baseline, or the pointwise ablation."""
+    temperature: Literal["grpo", "drgrpo", "maxrl", "fixed"] = "grpo"
+    """Normalisation statistic shared by LPO's target and the paired PG advantage."""
+    tau: float | None = Field(None, gt=0.0)
+    """Temperature value; required with ``temperature: fixed`` and only then."""
+    clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
+    """Trust-region half-width on token ratios to the proximal policy."""
+    is_cap: float = Field(2.0, ge=1.0)
+    """Cap of the truncated importance weight on stale PG groups."""
+    pg_aggregation: Literal["token-mean", "seq-mean-token-sum"] = "token-mean"
+    """How the PG baseline averages token losses."""
+    behavior_logprobs: Literal["engine", "proximal"] = "engine"
+    """``engine`` corrects for the sampling policy; ``proximal`` ignores staleness (ablation)."""
+    lr: float = Field(1e-6, gt=0.0, le=1.0)
+    """Adam learning rate."""
+    weight_decay: float = Field(0.1, ge=0.0, le=1.0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, gt=0.0)
+    """Global gradient-norm clip."""
+    updates_per_batch: int = Field(2, ge=1, le=64)
+    """Optimizer updates per rollout batch (mini-batches per batch)."""
+    micro_batch_groups: int = Field(4, ge=1, le=4096)
+    """Groups per forward/backward micro-batch on one rank (memory knob, not a maths knob)."""
+    zero_stage: int = Field(0, ge=0, le=3)
+    """DeepSpeed ZeRO stage."""
+    world_size: int = Field(1, ge=1, le=4096)
+    """Learner ranks (Ray actors, one DeepSpeed process each)."""
+    logprob_chunk_tokens: int = Field(1024, ge=16)
+    """Tokens per chunk of the vocab projection when computing token log-probs."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save an HF checkpoint every N steps (0: only at the end)."""
+    seed: int = Field(0, ge=0)
+    """Learner seed (data order within a batch, dropout if any)."""
+
+    @model_validator(mode="after")
+    def _tau_only_when_fixed(self) -> LearnerConfig:
+        if self.temperature == "fixed" and self.tau is None:
+            raise ValueError("temperature 'fixed' needs learner.tau > 0; set e.g. --set learner.tau=0.5")
+        if self.temperature != "fixed" and self.tau is not None:
+            raise ValueError(
+                f"learner.tau={self.tau} is only used with temperature 'fixed' (got {self.temperature!r}); "
+                "remove tau or set temperature: fixed"
+            )
+        return self
+
+
+class CoordinatorConfig(_Section):
+    """The run loop: admission, staleness, evaluation."""
+
+    group_size: int = Field(8, ge=2, le=1024)
+    """K, responses per prompt (the paper uses 8)."""
+    prompts_per_step: int = Field(16, ge=1, le=1_000_000)
+    """Groups per learner step (rollout batch)."""
+    max_policy_lag: int = Field(0, ge=0, le=64)
+    """Largest learner-version lag a group may be trained at; 0 is synchronous on-policy."""
+    steps: int = Field(20, ge=1, le=10_000_000)
+    """Learner steps in the run."""
+    eval_every: int = Field(10, ge=0)
+    """Evaluate every N steps (0: only at start and end)."""
+    eval_problems: int = Field(128, ge=1)
+    """Held-out problems per evaluation."""
+    eval_samples: int = Field(8, ge=1, le=1024)
+    """Samples per held-out problem (n of Pass@k)."""
+    eval_k: int = Field(8, ge=1)
+    """k of the reported Pass@k (<= eval_samples)."""
+    eval_temperature: float = Field(0.6, gt=0.0, le=4.0)
+    """Sampling temperature of evaluation (the paper's 0.6)."""
+    run_name: str = Field("countdown-tiny", pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name of the run directory under ``runs_dir`` and of the Redis keys."""
+    runs_dir: str = "runs"
+    """Where run directories are written."""
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> CoordinatorConfig:
+        if self.eval_k > self.eval_samples:
+            raise ValueError(f"eval_k ({self.eval_k}) must be <= eval_samples ({self.eval_samples})")
+        return self
+
+
+class QueueConfig(_Section):
+    """The Redis Streams queue."""
+
+    redis_url: str = "embedded"
+    """``redis://host:port/db`` or ``embedded`` (a private redis-server started for the run)."""
+    block_ms: int = Field(1000, ge=1, le=600_000)
+    """XREADGROUP blocking time."""
+    claim_idle_ms: int = Field(60_000, ge=100)
+    """Pending entries idle this long are reclaimed from a dead consumer."""
+
+    @model_validator(mode="after")
+    def _url(self) -> QueueConfig:
+        if self.redis_url != "embedded" and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                f"queue.redis_url={self.redis_url!r} must be 'embedded' or a redis://, rediss://, unix:// URL"
+            )
+        return self
+
+
+class WeightsConfig(_Section):
+    """Weight snapshots from learner to generators."""
+
+    transport: Literal["redis", "object_store"] = "redis"
+    """Where snapshot payloads travel: chunked Redis keys or the Ray object store."""
+    chunk_mb: float = Field(64.0, gt=0.0, le=512.0)
+    """Largest Redis value per payload chunk (Redis caps values at 512 MB)."""
+    keep_versions: int = Field(3, ge=1, le=1000)
+    """Snapshots kept before garbage collection."""
+
+
+class MetricsConfig(_Section):
+    """Observability."""
+
+    enabled: bool = True
+    """Export metrics through ray.util.metrics (Prometheus via Ray's metrics agent)."""
+    log_every: int = Field(1, ge=1)
+    """Write a metrics.jsonl line every N learner steps."""
+
+
+class ActorResources(_Section):
+    """Ray resources of one actor."""
+
+    num_cpus: float = Field(1.0, ge=0.0)
+    """CPUs reserved per actor."""
+    num_gpus: float = Field(0.0, ge=0.0)
+    """GPUs reserved per actor (fractions allowed)."""
+
+
+class ClusterConfig(_Section):
+    """Where the actors run."""
+
+    address: str | None = None
+    """Ray address; None starts (or joins, under ``ray job submit``) the local/default cluster."""
+    generator: ActorResources = ActorResources()
+    """Resources per generator actor."""
+    verifier: ActorResources = ActorResources(num_cpus=0.5)
+    """Resources per verifier worker."""
+    learner: ActorResources = ActorResources()
+    """Resources per learner rank."""
+
+
+class RunConfig(_Section):
+    """A whole run."""
+
+    model: ModelConfig = ModelConfig()
+    """The policy to train."""
+    data: DataConfig = DataConfig()
+    """The prompts."""
+    generator: GeneratorConfig = GeneratorConfig()
+    """The vLLM rollout actors."""
+    verifier: VerifierConfig = VerifierConfig()
+    """The scoring workers."""
+    learner: LearnerConfig = LearnerConfig()
+    """The DeepSpeed learner group and objective."""
+    coordinator: CoordinatorConfig = CoordinatorConfig()
+    """The run loop."""
+    queue: QueueConfig = QueueConfig()
+    """The Redis queue."""
+    weights: WeightsConfig = WeightsConfig()
+    """Weight snapshot transport."""
+    metrics: MetricsConfig = MetricsConfig()
+    """Metrics export."""
+    cluster: ClusterConfig = ClusterConfig()
+    """Ray address and per-actor resources."""
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> RunConfig:
+        if self.generator.max_tokens >= self.model.max_model_len:
+            raise ValueError(
+                f"generator.max_tokens ({self.generator.max_tokens}) must be < model.max_model_len "
+                f"({self.model.max_model_len}) to leave room for the prompt"
+            )
+        if self.coordinator.prompts_per_step < self.learner.world_size:
+            raise ValueError(
+                f"coordinator.prompts_per_step ({self.coordinator.prompts_per_step}) must be >= "
+                f"learner.world_size ({self.learner.world_size}): groups are never split across ranks"
+            )
+        return self
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=c`` -> (``"a.b"``, YAML-parsed ``c``), so numbers, booleans and lists get their types."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected section.field=value, e.g. --set learner.lr=1e-5")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from None
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-5" (no dot) as a string; a user typing it means the number.
+        with contextlib.suppress(ValueError):
+            value = float(value) if _FLOAT.match(value) else value
+    return key, value
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            valid = ", ".join(_section_at(err["loc"][:-1]).model_fields)
+            lines.append(f"{where}: unknown field; valid fields here: {valid}")
+        else:
+            value = err.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            lines.append(f"{where}: {err['msg']}{shown}")
+    return "invalid run config:\n  " + "\n  ".join(lines)
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The model class at a path of field names (for listing valid fields)."""
+    node: type[BaseModel] = RunConfig
+    for name in loc:
+        annotation = node.model_fields[str(name)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        node = annotation
+    return node
+
+
+def build_config(
+    tree: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """Validate a config tree after applying ``a.b=c`` overrides; raises ``ConfigError``."""
+    merged: dict[str, Any] = _deep_copy(tree or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(merged, key, value)
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """defaults < YAML file at ``path`` < overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(
+                f"config file {str(p)!r} does not exist; pass e.g. --config configs/countdown-tiny.yaml"
+            )
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}"
+            )
+        tree = loaded or {}
+    return build_config(tree, overrides)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what ``--dry-run`` prints and the run directory keeps)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
