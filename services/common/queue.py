@@ -1,0 +1,309 @@
+"""The run's Redis Streams: ``lpo:{run}:tasks`` -> ``:rollouts`` -> ``:groups``, one consumer group per stage.
+
+Delivery is at-least-once. A stage reads with XREADGROUP, writes its output and acknowledges its input in
+one MULTI/EXEC (``forward``), so a consumer that dies in between leaves its input pending and writes
+nothing; a live consumer takes the entry over with ``claim_stale`` (XAUTOCLAIM) once it has been idle
+``queue.claim_idle_ms``. Entry ids are returned everywhere, for the learner's checkpointed position and for
+trimming below it. An entry that does not decode into the stream's message type is moved to
+``lpo:{run}:dead`` with the reason and acknowledged: it never blocks or crashes a consumer.
+
+Every call retries on a lost connection (``Backoff``); a server that comes back without the consumer
+groups (restarted without persistence) gets them recreated, with a warning, instead of failing reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from redis.exceptions import ResponseError
+
+from services.common.messages import MessageDecodeError, ResponseGroup, RolloutTask, decode, encode
+from services.common.redis_server import Backoff, redacted, redis_client
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Message = RolloutTask | ResponseGroup
+
+STREAM_TYPES: dict[str, type] = {"tasks": RolloutTask, "rollouts": ResponseGroup, "groups": ResponseGroup}
+"""What each stream carries."""
+STAGE_GROUPS: dict[str, str] = {"tasks": "generators", "rollouts": "verifiers", "groups": "learner"}
+"""The consumer group (stage) that reads each stream."""
+DEAD = "dead"
+_SOCKET_MARGIN_S = 5.0  # a blocking read's socket must outlive its block time
+
+
+class QueueError(RuntimeError):
+    """Redis refused a queue operation (not a lost connection: those are retried)."""
+
+
+def stream_key(run: str, stream: str) -> str:
+    """``lpo:{run}:{stream}``."""
+    return f"lpo:{run}:{stream}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """One delivered message and the stream entry id that acknowledges it (``"<ms>-<seq>"``)."""
+
+    entry_id: str
+    message: Message
+
+
+def _message_id(message: Message) -> str:
+    return message.task_id if isinstance(message, RolloutTask) else message.group_id
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class StreamQueue:
+    """The three streams of one run on one Redis server, with ack-after-write and dead-lettering.
+
+    ``block_ms`` is the longest blocking read this queue will issue (the socket timeout is set above it).
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        run: str,
+        *,
+        block_ms: int = 1000,
+        backoff: Backoff | None = None,
+        groups: Mapping[str, str] | None = None,
+    ) -> None:
+        if not run:
+            raise ValueError("run name must be non-empty (it namespaces the Redis keys)")
+        if block_ms < 0:
+            raise ValueError(f"block_ms must be >= 0, got {block_ms}")
+        self.run = run
+        self.block_ms = block_ms
+        self.groups = dict(STAGE_GROUPS if groups is None else groups)
+        if set(self.groups) != set(STREAM_TYPES):
+            raise ValueError(f"groups must name one consumer group for each of {sorted(STREAM_TYPES)}")
+        self._backoff = backoff or Backoff()
+        self._where = redacted(redis_url)
+        self._redis = redis_client(redis_url, socket_timeout_s=block_ms / 1000 + _SOCKET_MARGIN_S)
+
+    # ---- names -------------------------------------------------------------------------------------
+    def key(self, stream: str) -> str:
+        """The Redis key of ``tasks`` / ``rollouts`` / ``groups`` / ``dead``."""
+        if stream not in STREAM_TYPES and stream != DEAD:
+            raise ValueError(f"unknown stream {stream!r}; streams are {', '.join([*STREAM_TYPES, DEAD])}")
+        return stream_key(self.run, stream)
+
+    def group(self, stream: str) -> str:
+        """The consumer group that reads ``stream``."""
+        self.key(stream)
+        if stream == DEAD:
+            raise ValueError("the dead-letter stream has no consumer group; inspect it with XRANGE")
+        return self.groups[stream]
+
+    # ---- plumbing ------------------------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        return self._backoff.call(f"{what} on {self._where}", fn)
+
+    def _call_grouped(self, what: str, fn: Callable[[], T]) -> T:
+        """``_call``, recreating the consumer groups once if the server lost them."""
+        try:
+            return self._call(what, fn)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOGROUP"):
+                raise QueueError(f"{what} on {self._where}: {exc}") from exc
+            log.warning(
+                "%s: consumer group missing (%s) - the server restarted without persistence or the group "
+                "was deleted; recreating the groups from id 0",
+                what,
+                exc,
+            )
+            self.ensure_groups()
+            return self._call(what, fn)
+
+    def _fields(self, stream: str, message: Message) -> dict[bytes, bytes]:
+        expected = STREAM_TYPES[stream]
+        if not isinstance(message, expected):
+            carries = ", ".join(f"{s}: {t.__name__}" for s, t in STREAM_TYPES.items())
+            raise TypeError(
+                f"the {stream} stream carries {expected.__name__}, got {type(message).__name__}; "
+                f"put it on the stream of its type ({carries})"
+            )
+        return {b"m": encode(message), b"id": _message_id(message).encode()}
+
+    # ---- setup and writes ----------------------------------------------------------------------------
+    def ensure_groups(self) -> None:
+        """Create each stream and its consumer group (from id 0) if missing; idempotent."""
+        for stream, group in self.groups.items():
+            key = self.key(stream)
+
+            def create(key: str = key, group: str = group) -> None:
+                try:
+                    self._redis.xgroup_create(key, group, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if not str(exc).startswith("BUSYGROUP"):
+                        raise QueueError(f"XGROUP CREATE {key} {group} on {self._where}: {exc}") from exc
+
+            self._call(f"XGROUP CREATE {key}", create)
+
+    def put(self, stream: str, message: Message) -> str:
+        """Append a message; returns its entry id."""
+        key = self.key(stream)
+        fields = self._fields(stream, message)
+        return _str(self._call(f"XADD {key}", lambda: self._redis.xadd(key, fields)))
+
+    def forward(
+        self, in_stream: str, entry_ids: Sequence[str], out_stream: str, messages: Sequence[Message]
+    ) -> list[str]:
+        """Write ``messages`` to ``out_stream`` and acknowledge ``entry_ids`` of ``in_stream`` atomically
+        (MULTI/EXEC): the input is acked only together with its output. Returns the new entry ids.
+        With no messages this only acknowledges (a dropped input: the caller counts and logs it)."""
+        in_key, out_key, group = self.key(in_stream), self.key(out_stream), self.group(in_stream)
+        payloads = [self._fields(out_stream, m) for m in messages]  # a bad message fails before any write
+        ids = list(entry_ids)
+
+        def transaction() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=True)
+            for fields in payloads:
+                pipe.xadd(out_key, fields)
+            if ids:
+                pipe.xack(in_key, group, *ids)
+            return pipe.execute(raise_on_error=False)
+
+        results = self._call(f"MULTI XADD {out_key} XACK {in_key}", transaction)
+        added, acked = results[: len(payloads)], results[len(payloads) :]
+        failed = [r for r in added if isinstance(r, Exception)]
+        if failed:
+            raise QueueError(f"writing {len(payloads)} messages to {out_key} failed: {failed[0]}")
+        if acked and isinstance(acked[0], Exception):
+            # The outputs are written; an input that no group tracks any more has nothing left to ack.
+            log.warning("%s: outputs written but XACK %s failed: %s", self.run, in_key, acked[0])
+        elif acked and acked[0] != len(ids):
+            log.warning(
+                "%s: acked %d of %d entries of %s (others already acked)",
+                self.run,
+                acked[0],
+                len(ids),
+                in_key,
+            )
+        return [_str(r) for r in added]
+
+    def ack(self, stream: str, entry_ids: Sequence[str]) -> int:
+        """Acknowledge entries (the learner, after its checkpoint made them durable). Returns how many
+        were pending."""
+        if not entry_ids:
+            return 0
+        key, group = self.key(stream), self.group(stream)
+        return int(self._call(f"XACK {key}", lambda: self._redis.xack(key, group, *entry_ids)))
+
+    # ---- reads -----------------------------------------------------------------------------------
+    def read(
+        self, stream: str, consumer: str, *, count: int = 1, block_ms: int | None = None
+    ) -> list[QueueEntry]:
+        """Up to ``count`` new entries for ``consumer`` of the stream's group, waiting up to ``block_ms``
+        (default: the queue's) for the first; ``[]`` on timeout. ``block_ms=0`` does not wait."""
+        key, group = self.key(stream), self.group(stream)
+        block = self.block_ms if block_ms is None else block_ms
+        if not 0 <= block <= self.block_ms:
+            raise ValueError(
+                f"block_ms={block} must be in [0, {self.block_ms}] (the queue's block_ms, which sizes the "
+                "socket timeout); construct the StreamQueue with a larger block_ms"
+            )
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+
+        def xreadgroup() -> Any:
+            # BLOCK 0 would wait forever: a zero block means "do not block" here.
+            return self._redis.xreadgroup(group, consumer, {key: ">"}, count=count, block=block or None)
+
+        reply = self._call_grouped(f"XREADGROUP {key}", xreadgroup)
+        pairs = reply[0][1] if reply else []
+        return self._decoded(stream, group, pairs)
+
+    def claim_stale(self, stream: str, consumer: str, min_idle_ms: int, count: int = 16) -> list[QueueEntry]:
+        """Take over up to ``count`` entries pending on any consumer for at least ``min_idle_ms`` (dead
+        consumers) with XAUTOCLAIM. Entries deleted from the stream while pending are dropped from the
+        pending list by Redis (>= 7.0) and logged."""
+        key, group = self.key(stream), self.group(stream)
+        claimed: list[tuple[Any, Any]] = []
+        cursor: bytes | str = "0-0"
+        while len(claimed) < count:
+            want = count - len(claimed)
+
+            def xautoclaim(start: bytes | str = cursor, want: int = want) -> Any:
+                return self._redis.xautoclaim(key, group, consumer, min_idle_ms, start_id=start, count=want)
+
+            reply = self._call_grouped(f"XAUTOCLAIM {key}", xautoclaim)
+            cursor, pairs = reply[0], reply[1]
+            deleted = reply[2] if len(reply) > 2 else []
+            if deleted:
+                log.warning(
+                    "%s: %d pending entries of %s were deleted before being acked: %s",
+                    self.run,
+                    len(deleted),
+                    key,
+                    ", ".join(_str(d) for d in deleted),
+                )
+            claimed += [p for p in pairs if p[0] is not None]  # Redis 6.2 returns nil for deleted ones
+            if _str(cursor) == "0-0":
+                break
+        if claimed:
+            log.info("%s: %s reclaimed %d stale entries of %s", self.run, consumer, len(claimed), key)
+        return self._decoded(stream, group, claimed)
+
+    def _decoded(self, stream: str, group: str, pairs: Sequence[tuple[Any, Any]]) -> list[QueueEntry]:
+        entries = []
+        for raw_id, fields in pairs:
+            entry_id = _str(raw_id)
+            payload = (fields or {}).get(b"m")
+            try:
+                if payload is None:
+                    raise MessageDecodeError("entry has no 'm' field (not written by StreamQueue.put)")
+                entries.append(QueueEntry(entry_id, decode(payload, STREAM_TYPES[stream])))
+            except MessageDecodeError as exc:
+                self._dead_letter(stream, group, entry_id, fields or {}, str(exc))
+        return entries
+
+    def _dead_letter(
+        self, stream: str, group: str, entry_id: str, fields: dict[bytes, bytes], reason: str
+    ) -> None:
+        key, dead = self.key(stream), self.key(DEAD)
+        record = {b"stream": key.encode(), b"entry_id": entry_id.encode(), b"group": group.encode()}
+        record[b"reason"] = reason.encode()
+        record.update({b"field:" + k: v for k, v in fields.items()})
+
+        def transaction() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xadd(dead, record)
+            pipe.xack(key, group, entry_id)
+            return pipe.execute()
+
+        self._call(f"MULTI XADD {dead} XACK {key}", transaction)
+        log.error("%s: entry %s of %s moved to %s: %s", self.run, entry_id, key, dead, reason)
+
+    # ---- metrics -------------------------------------------------------------------------------------
+    def length(self, stream: str) -> int:
+        """Entries in the stream (acked or not, until trimmed)."""
+        key = self.key(stream)
+        return int(self._call(f"XLEN {key}", lambda: self._redis.xlen(key)))
+
+    def pending_count(self, stream: str) -> int:
+        """Entries delivered to the stream's group and not yet acknowledged."""
+        key, group = self.key(stream), self.group(stream)
+        return int(self._call_grouped(f"XPENDING {key}", lambda: self._redis.xpending(key, group))["pending"])
+
+    def oldest_pending_age_ms(self, stream: str) -> int:
+        """Age (server clock, from its entry id) of the oldest unacknowledged entry; 0 when none."""
+        key, group = self.key(stream), self.group(stream)
+        summary = self._call_grouped(f"XPENDING {key}", lambda: self._redis.xpending(key, group))
+        if not summary["pending"]:
+            return 0
+        seconds, micros = self._call("TIME", self._redis.time)
+        created_ms = int(_str(summary["min"]).split("-")[0])
+        return max(0, seconds * 1000 + micros // 1000 - created_ms)
+
+    def close(self) -> None:
+        """Close the connections."""
+        self._redis.close()

@@ -1,0 +1,324 @@
+"""The tiny Countdown base model: a char-level tokenizer and a small Llama, SFT'd for a few minutes.
+
+``build_tiny`` makes, deterministically from a :class:`TinySpec`, a Hugging Face model folder
+(safetensors, fp32, tokenizer, generation config) that transformers and vLLM-CPU both load. It is
+trained just long enough to answer in the ``<answer>…</answer>`` format and to get some Countdown
+problems right (expected Pass@1 well inside [0.05, 0.5]), which leaves room for RL to show learning.
+
+The folder is content-addressed: its default name carries a hash of the spec, a build goes to a
+temp folder that is renamed into place only when complete, and a folder whose ``tiny_spec.json``
+matches the spec is reused as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import string
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from services.common.data.countdown import CountdownProblem, format_answer, format_prompt, generate_problems
+from services.common.paths import project_cache_dir, set_cache_env
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+# Bump when the build code changes what it produces for the same spec, so stale caches are rebuilt.
+BUILD_VERSION = 1
+SPEC_FILE = "tiny_spec.json"
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+# Every character a prompt or answer can contain, one token each. Letters cover the prompt words and
+# the answer tags; the rest is the arithmetic. Order is part of the vocabulary, so never reorder.
+ALPHABET = string.digits + "+-*/()=. \n<>" + string.ascii_lowercase + string.ascii_uppercase
+# The vLLM CPU attention backend only has kernels for these head sizes (CPUAttentionBackend).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Everything that determines the tiny model; its hash names the cache folder."""
+
+    seed: int = 0
+    """Seed of weight init and batch order (``torch.manual_seed``)."""
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    """``hidden_size / num_heads`` must be a head size the vLLM CPU backend supports."""
+    intermediate_size: int = 512
+    max_position_embeddings: int = 128
+    """Prompt + answer stay under ~70 chars; vLLM's ``max_model_len`` may not exceed this."""
+    train_steps: int = 500
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 25
+    train_seed: int = 1
+    """Seed of the SFT problems; held-out problems use ``heldout_seed`` and exclude these."""
+    heldout_seed: int = 2
+    min_nums: int = 3
+    max_nums: int = 4
+    max_num: int = 20
+    max_target: int = 100
+
+    def __post_init__(self) -> None:
+        head_dim, rest = divmod(self.hidden_size, self.num_heads)
+        if rest or head_dim not in VLLM_CPU_HEAD_SIZES:
+            raise ValueError(
+                f"hidden_size/num_heads = {self.hidden_size}/{self.num_heads} must be an integer in "
+                f"{VLLM_CPU_HEAD_SIZES} (vLLM CPU attention head sizes); pick other sizes"
+            )
+        if min(self.train_steps, self.batch_size, self.max_position_embeddings) < 1 or self.lr <= 0:
+            raise ValueError(f"train_steps, batch_size, max_position_embeddings and lr must be > 0: {self}")
+        if self.train_seed == self.heldout_seed:
+            raise ValueError(f"train_seed and heldout_seed must differ, both are {self.train_seed}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def problem_kwargs(self) -> dict[str, int]:
+        return {
+            "min_nums": self.min_nums,
+            "max_nums": self.max_nums,
+            "max_num": self.max_num,
+            "max_target": self.max_target,
+        }
+
+    def spec_hash(self) -> str:
+        """Short stable hash of the spec and the build code version."""
+        blob = json.dumps({"build_version": BUILD_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def default_model_dir(spec: TinySpec = TinySpec()) -> Path:
+    """``<project cache>/models/countdown-tiny-<spec hash>``."""
+    return project_cache_dir() / "models" / f"countdown-tiny-{spec.spec_hash()}"
+
+
+def _problem_key(p: CountdownProblem) -> tuple[tuple[int, ...], int]:
+    # Order-free: "3 7 12 → 33" and "12 3 7 → 33" are the same problem to a solver.
+    return tuple(sorted(p.nums)), p.target
+
+
+def train_problems(spec: TinySpec = TinySpec()) -> list[CountdownProblem]:
+    """The SFT problems: ``train_steps * batch_size`` draws from ``train_seed``."""
+    return generate_problems(spec.train_steps * spec.batch_size, spec.train_seed, **spec.problem_kwargs())
+
+
+def heldout_problems(
+    n: int = 256, seed: int | None = None, spec: TinySpec = TinySpec()
+) -> list[CountdownProblem]:
+    """``n`` evaluation problems, distinct from each other and from every SFT problem of ``spec``.
+
+    ``seed`` defaults to ``spec.heldout_seed``; it must differ from ``spec.train_seed``.
+    """
+    seed = spec.heldout_seed if seed is None else seed
+    if seed == spec.train_seed:
+        raise ValueError(f"held-out seed {seed} equals the training seed; pick another")
+    seen = {_problem_key(p) for p in train_problems(spec)}
+    out: list[CountdownProblem] = []
+    batch, offset = max(2 * n, 64), 0
+    while len(out) < n:
+        # Regenerating a longer prefix keeps the result a deterministic function of (n, seed, spec).
+        drawn = generate_problems(offset + batch, seed, **spec.problem_kwargs())[offset:]
+        offset += batch
+        for p in drawn:
+            if _problem_key(p) not in seen and len(out) < n:
+                seen.add(_problem_key(p))
+                out.append(p)
+    return out
+
+
+def build_tokenizer(model_max_length: int = 128) -> PreTrainedTokenizerFast:
+    """A char-level tokenizer over :data:`ALPHABET`: one token per character, ``<s>`` prepended.
+
+    A BPE model with no merges over a character vocabulary splits any text into its characters
+    (unknown ones become ``<unk>``); the ``Fuse`` decoder joins them back without spaces.
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, BOS, EOS, UNK]
+    vocab = {tok: i for i, tok in enumerate(specials + list(ALPHABET))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    backend.add_special_tokens(specials)
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        add_bos_token=True,
+        add_eos_token=False,
+        padding_side="right",
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _model_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+
+
+def _encode_examples(
+    problems: list[CountdownProblem], tokenizer: PreTrainedTokenizerFast
+) -> list[tuple[list[int], int]]:
+    """(token ids of ``<s> prompt answer </s>``, number of prompt tokens incl. ``<s>``) per problem."""
+    out = []
+    for p in problems:
+        prompt_ids = tokenizer(format_prompt(p.nums, p.target))["input_ids"]
+        answer_ids = tokenizer(format_answer(p.solution), add_special_tokens=False)["input_ids"]
+        out.append((prompt_ids + answer_ids + [tokenizer.eos_token_id], len(prompt_ids)))
+    return out
+
+
+def _sft(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, spec: TinySpec) -> None:
+    """Teacher-forced SFT on prompt + answer + eos, loss on the answer tokens (and eos) only."""
+    import torch
+
+    examples = _encode_examples(train_problems(spec), tokenizer)
+    too_long = max(len(ids) for ids, _ in examples)
+    if too_long > spec.max_position_embeddings:
+        raise ValueError(f"an SFT example has {too_long} tokens > max_position_embeddings; raise it")
+    gen = torch.Generator().manual_seed(spec.seed)
+    order = torch.randperm(len(examples), generator=gen).tolist()
+    optim = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10 %
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        frac = (step - spec.warmup_steps) / max(1, spec.train_steps - spec.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
+    model.train()
+    started = time.perf_counter()
+    for step in range(spec.train_steps):
+        batch = [examples[i] for i in order[step * spec.batch_size : (step + 1) * spec.batch_size]]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)  # (B, T)
+        labels = torch.full((len(batch), width), -100)  # (B, T); -100 = no loss
+        attention = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+        for row, (ids, n_prompt) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+            attention[row, : len(ids)] = 1
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        if step % 50 == 0 or step == spec.train_steps - 1:
+            logger.info(
+                "tiny SFT step %d/%d loss %.4f (%.0fs)",
+                step,
+                spec.train_steps,
+                loss.item(),
+                time.perf_counter() - started,
+            )
+    model.eval()
+
+
+def is_complete(model_dir: Path, spec: TinySpec) -> bool:
+    """True when ``model_dir`` holds a finished build of exactly ``spec``."""
+    try:
+        saved = json.loads((model_dir / SPEC_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    needed = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
+    return saved.get("spec_hash") == spec.spec_hash() and all((model_dir / f).is_file() for f in needed)
+
+
+def _build_into(tmp: Path, spec: TinySpec) -> None:
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(spec.max_position_embeddings)
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(_model_config(spec, tokenizer)).float()
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("tiny model: %d params, head_dim %d", n_params, spec.head_dim)
+    started = time.perf_counter()
+    # Deterministic kernels; the result is still only bit-identical on the same machine and thread count.
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _sft(model, tokenizer, spec)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    train_s = time.perf_counter() - started
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    meta = {"spec_hash": spec.spec_hash(), "build_version": BUILD_VERSION, "spec": asdict(spec)}
+    meta |= {"n_params": n_params, "head_dim": spec.head_dim, "train_seconds": round(train_s, 1)}
+    # Written last: its presence with the right hash is what marks the folder complete.
+    (tmp / SPEC_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def build_tiny(out_dir: Path | None = None, spec: TinySpec = TinySpec(), *, force: bool = False) -> Path:
+    """Build (or reuse) the tiny model for ``spec`` and return its folder.
+
+    Reuses ``out_dir`` when it already holds a complete build of ``spec`` (unless ``force``); else
+    builds in a sibling temp folder and renames it into place, so readers never see a partial model.
+    """
+    set_cache_env()
+    out_dir = Path(out_dir) if out_dir is not None else default_model_dir(spec)
+    if not force and is_complete(out_dir, spec):
+        logger.info("tiny model up to date at %s", out_dir)
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    started = time.perf_counter()
+    try:
+        _build_into(tmp, spec)
+        if out_dir.exists():
+            # A stale or mismatched build (or --force): move it aside before the swap.
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, trash / "model")
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_complete(out_dir, spec):  # a concurrent builder won the rename; its model is ours too
+            return out_dir
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("built tiny model in %.0fs at %s", time.perf_counter() - started, out_dir)
+    return out_dir

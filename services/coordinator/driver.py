@@ -1,0 +1,227 @@
+"""The run loop: admit -> collect -> train -> publish -> record, with periodic evaluation.
+
+Reads like Algorithm 1 of the paper with the asynchronous schedule of ``admission.py``: generators
+and verifiers run on their own; the coordinator only admits tasks, hands complete scored groups to
+the learner, and publishes the new policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from services.common.config import RunConfig
+from services.common.logs import setup_logging
+from services.common.messages import ResponseGroup
+from services.coordinator.admission import policy_lag, to_admit
+from services.coordinator.rundir import RunDir
+from services.coordinator.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+class Phases:
+    """Wall time per named phase of the current step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class Coordinator:
+    """One run over live services (``Runtime``); state here is what a resume would restore."""
+
+    def __init__(self, cfg: RunConfig, rt: Runtime, rundir: RunDir) -> None:
+        from transformers import AutoTokenizer
+
+        from services.common.queue import StreamQueue
+        from services.common.tiny import heldout_problems
+        from services.coordinator.tasks import TaskSource, training_problems
+
+        self.cfg, self.rt, self.rundir = cfg, rt, rundir
+        self.queue = StreamQueue(rt.redis_url, cfg.coordinator.run_name, block_ms=cfg.queue.block_ms)
+        self.queue.ensure_groups()
+        self.heldout = heldout_problems(cfg.coordinator.eval_problems)
+        tokenizer = AutoTokenizer.from_pretrained(rt.model_dir)
+        self.tasks = TaskSource(cfg, training_problems(cfg, exclude=self.heldout), tokenizer)
+        self.version = 0
+        self.dropped: Counter[str] = Counter()
+        self.trained: set[str] = set()
+        self.evals: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg.coordinator
+        started = time.perf_counter()
+        self.rt.learner.publish()  # version 0 = the base weights, with its sha256
+        self.evaluate(step=0)
+        self.rt.start_loops()
+        progress = _progress(cfg.steps)
+        for step in range(1, cfg.steps + 1):
+            phases = Phases()
+            with phases("admit"):
+                self.admit()
+            with phases("collect"):
+                groups, entry_ids, lags = self.collect()
+            with phases("train"):
+                metrics = self.rt.learner.train(groups)
+            with phases("publish"):
+                self.rt.learner.publish()
+                self.version += 1
+            self.queue.ack("groups", entry_ids)  # acked only once the update is published
+            self.trained.update(g.group_id for g in groups)
+            record = self.record(step, groups, metrics, lags, phases.seconds)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                self.evaluate(step)
+            progress(step, record, self.evals[-1]["pass_at_1"])
+        self.evaluate(step=cfg.steps)
+        return self.finish(time.perf_counter() - started)
+
+    def admit(self) -> int:
+        c = self.cfg.coordinator
+        n = to_admit(
+            self.tasks.position,
+            self.version,
+            c.prompts_per_step,
+            c.max_policy_lag,
+            c.steps * c.prompts_per_step,
+        )
+        for _ in range(n):
+            self.queue.put("tasks", self.tasks.next(admit_version=self.version))
+        return n
+
+    def collect(self) -> tuple[list[ResponseGroup], list[str], list[int]]:
+        """The next ``prompts_per_step`` admissible scored groups, oldest first; drops the rest."""
+        want, groups, ids, lags = self.cfg.coordinator.prompts_per_step, [], [], []
+        while len(groups) < want:
+            for entry in self.queue.read("groups", "learner", count=want - len(groups)):
+                group: ResponseGroup = entry.message
+                lag = policy_lag(self.version, group.behavior_version)
+                reason = None
+                if group.group_id in self.trained:
+                    reason = "duplicate"
+                elif lag > self.cfg.coordinator.max_policy_lag:
+                    reason = "stale"
+                if reason:
+                    self.dropped[reason] += 1
+                    self.queue.ack("groups", [entry.entry_id])
+                    logger.warning("dropped group %s (%s, lag %d)", group.group_id, reason, lag)
+                    continue
+                groups.append(group)
+                ids.append(entry.entry_id)
+                lags.append(lag)
+        return groups, ids, lags
+
+    # ------------------------------------------------------------------ records
+
+    def record(
+        self, step: int, groups: list[ResponseGroup], metrics: dict, lags: list[int], phases: dict
+    ) -> dict:
+        rewards = [r for g in groups for r in (g.rewards or ())]
+        lengths = [r.token_ids.size for g in groups for r in g.rollouts]
+        record = {
+            "step": step,
+            "version": self.version,
+            "groups": len(groups),
+            "reward_mean": sum(rewards) / len(rewards),
+            "response_length_mean": sum(lengths) / len(lengths),
+            "lag_histogram": {str(k): v for k, v in sorted(Counter(lags).items())},
+            "dropped": dict(self.dropped),
+            "phase_s": {k: round(v, 4) for k, v in phases.items()},
+            "step_s": round(sum(phases.values()), 4),
+            **metrics,
+        }
+        self.rundir.log_step(record)
+        return record
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        import ray
+
+        c = self.cfg.coordinator
+        result = ray.get(
+            self.rt.generators[0].evaluate.remote(
+                self.heldout, c.eval_samples, c.eval_temperature, c.eval_k, seed=step
+            )
+        )
+        record = {"step": step, **result}
+        self.rundir.log_eval(record)
+        self.evals.append(record)
+        logger.info(
+            "eval step %d: Pass@1 %.3f Pass@%d %.3f", step, result["pass_at_1"], c.eval_k, result["pass_at_k"]
+        )
+        return record
+
+    def finish(self, wall_s: float) -> dict[str, Any]:
+        import ray
+
+        ray.get([g.stop.remote() for g in self.rt.generators + self.rt.verifiers])
+        self.rt.learner.save_hf(str(self.rundir.checkpoints / f"step-{self.cfg.coordinator.steps}"))
+
+        def brief(e: dict[str, Any]) -> dict[str, Any]:
+            return {"pass_at_1": e["pass_at_1"], "pass_at_k": e["pass_at_k"], "k": e["k"]}
+
+        summary = {
+            "steps": self.cfg.coordinator.steps,
+            "wall_seconds": round(wall_s, 2),
+            "trained_groups": len(self.trained),
+            "dropped_groups": sum(self.dropped.values()),
+            "dropped_by_reason": dict(self.dropped),
+            "final_version": self.version,
+            "initial_eval": brief(self.evals[0]),
+            "final_eval": brief(self.evals[-1]),
+        }
+        self.rundir.write_summary(summary)
+        self.rundir.plot_curves()
+        return summary
+
+
+def _progress(total: int):
+    """A tqdm bar showing step, reward, Pass@1 and step time."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="LPO", unit="step", dynamic_ncols=True)
+
+    def update(step: int, record: dict, pass1: float) -> None:
+        bar.set_postfix(
+            reward=f"{record['reward_mean']:.3f}", pass1=f"{pass1:.3f}", step_s=f"{record['step_s']:.2f}"
+        )
+        bar.update(1)
+        if step == total:
+            bar.close()
+
+    return update
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Start everything, train, write the run directory, stop everything (also on Ctrl-C)."""
+    log = setup_logging("coordinator")
+    rundir = RunDir(cfg)
+    rt = Runtime.start(cfg)
+    try:
+        summary = Coordinator(cfg, rt, rundir).train()
+    finally:
+        rt.stop()
+    i, f = summary["initial_eval"], summary["final_eval"]
+    log.info("run directory: %s", rundir.path)
+    log.info(
+        "Pass@1 %.3f -> %.3f (Pass@%d %.3f -> %.3f) in %.0fs",
+        i["pass_at_1"],
+        f["pass_at_1"],
+        f["k"],
+        i["pass_at_k"],
+        f["pass_at_k"],
+        summary["wall_seconds"],
+    )
+    return summary

@@ -1,0 +1,120 @@
+"""Bring a run's services up and down: Redis, Ray, the model, the actors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.common.config import RunConfig
+from services.common.paths import project_cache_dir, set_cache_env
+
+logger = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_model(path: str) -> str:
+    """``tiny:countdown`` -> the tiny model (built if missing); a directory as is; else a hub id."""
+    if path == "tiny:countdown":
+        from services.common.tiny import build_tiny
+
+        return str(build_tiny())
+    if Path(path).is_dir():
+        return str(Path(path).resolve())
+    from huggingface_hub import snapshot_download  # real hub loading for cluster runs
+
+    return snapshot_download(repo_id=path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Join the cluster (``ray job submit`` / ``RAY_ADDRESS`` / ``cluster.address``) or start a local one."""
+    import ray
+
+    env = {k: os.environ[k] for k in ("LPO_CACHE_DIR", "LPO_LOG_LEVEL") if k in os.environ}
+    env.setdefault("LPO_CACHE_DIR", str(project_cache_dir()))
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    c = cfg.cluster
+    needed = (
+        cfg.generator.num_actors * c.generator.num_cpus
+        + cfg.verifier.num_workers * c.verifier.num_cpus
+        + cfg.learner.world_size * c.learner.num_cpus
+    )
+    # Logical CPUs: on a small machine the stages take turns (sync) or share cores (async).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(
+        num_cpus=max(int(needed + 0.999), os.cpu_count() or 1),
+        include_dashboard=False,
+        runtime_env={"env_vars": env},
+        log_to_driver=True,
+    )
+
+
+@dataclass
+class Runtime:
+    """Handles to everything a run started; ``stop()`` ends exactly those."""
+
+    cfg: RunConfig
+    redis_url: str
+    model_dir: str
+    redis_server: Any = None
+    generators: list[Any] = field(default_factory=list)
+    verifiers: list[Any] = field(default_factory=list)
+    learner: Any = None
+
+    @classmethod
+    def start(cls, cfg: RunConfig) -> Runtime:
+        import ray
+
+        from services.common.redis_server import connect
+        from services.generator.actor import GeneratorActor
+        from services.learner.group import LearnerGroup
+        from services.verifier.actor import VerifierActor
+
+        set_cache_env()
+        model_dir = resolve_model(cfg.model.path)
+        redis_url, server = connect(cfg.queue.redis_url)
+        rt = cls(cfg=cfg, redis_url=redis_url, model_dir=model_dir, redis_server=server)
+        try:
+            init_ray(cfg)
+            c = cfg.cluster
+            rt.learner = LearnerGroup(cfg, model_dir, redis_url)
+            rt.generators = [
+                GeneratorActor.options(num_cpus=c.generator.num_cpus, num_gpus=c.generator.num_gpus).remote(
+                    cfg, model_dir, redis_url, i
+                )
+                for i in range(cfg.generator.num_actors)
+            ]
+            rt.verifiers = [
+                VerifierActor.options(num_cpus=c.verifier.num_cpus).remote(cfg, redis_url, i)
+                for i in range(cfg.verifier.num_workers)
+            ]
+            ray.get([a.ready.remote() for a in rt.generators + rt.verifiers])
+        except BaseException:
+            rt.stop()
+            raise
+        return rt
+
+    def start_loops(self) -> list[Any]:
+        """Start the generator and verifier loops; returns their refs (they end on ``stop``)."""
+        return [a.run.remote() for a in self.generators + self.verifiers]
+
+    def stop(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            for actor in self.generators + self.verifiers:
+                try:
+                    ray.get(actor.stop.remote(), timeout=10)
+                except Exception:  # an actor that is already dead has nothing to stop
+                    logger.debug("actor stop failed", exc_info=True)
+                ray.kill(actor)
+            if self.learner is not None:
+                self.learner.shutdown()
+            ray.shutdown()
+        if self.redis_server is not None:
+            self.redis_server.stop()

@@ -1,0 +1,73 @@
+"""Ray actor wrapper of the generator: wires vLLM, the queue and the weight transport, runs the loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Sequence
+
+import ray
+
+from services.common.config import RunConfig
+from services.common.data.countdown import CountdownProblem
+from services.common.logs import setup_logging
+from services.common.paths import set_cache_env
+
+
+@ray.remote(max_concurrency=4)
+class GeneratorActor:
+    """One vLLM engine. ``run()`` loops until ``stop()``; the other methods are control calls."""
+
+    def __init__(self, cfg: RunConfig, model_dir: str, redis_url: str, index: int) -> None:
+        set_cache_env()
+        setup_logging(f"generator-{index}")
+        from services.common.queue import StreamQueue
+        from services.common.weights import make_transport
+        from services.generator.vllm_engine import VllmRolloutEngine
+        from services.generator.worker import Generator
+
+        self.cfg = cfg
+        run = cfg.coordinator.run_name
+        self.engine = VllmRolloutEngine(model_dir, cfg.model, cfg.generator, seed=cfg.generator.seed + index)
+        queue = StreamQueue(redis_url, run, block_ms=cfg.queue.block_ms)
+        queue.ensure_groups()
+        self.gen = Generator(
+            self.engine,
+            queue,
+            make_transport(cfg.weights, redis_url, run),
+            consumer=f"gen-{index}",
+            batch_tasks=cfg.coordinator.prompts_per_step,
+        )
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # vLLM's LLM is not thread-safe: one batch or one eval at a time
+
+    def ready(self) -> int:
+        return self.gen.version
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                self.gen.step(block_ms=min(self.cfg.queue.block_ms, 200))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def stats(self) -> dict:
+        return {
+            "version": self.gen.version,
+            "engine_restarts": self.engine.restarts,
+            **dataclasses.asdict(self.gen.stats),
+        }
+
+    def evaluate(
+        self, problems: Sequence[CountdownProblem], n: int, temperature: float, k: int, seed: int
+    ) -> dict:
+        """Pass@1 / Pass@k with the newest snapshot (loaded first)."""
+        from services.coordinator.evaluation import evaluate_countdown
+
+        with self._lock:
+            self.gen.sync_weights()
+            result = evaluate_countdown(
+                self.engine.llm, problems, n, temperature, k, seed, max_tokens=self.cfg.generator.max_tokens
+            )
+        return {**result, "version": self.gen.version}

@@ -1,0 +1,128 @@
+"""The generator's loop body: keep weights current, turn tasks into sampled groups.
+
+Weights change only between batches (a safe point), so every group is sampled by exactly one
+snapshot, whose version and sha256 the group carries as its behaviour policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.messages import ResponseGroup, WeightSnapshot
+from services.common.queue import StreamQueue
+from services.common.weights import WeightTransport, pack
+from services.generator.interface import RolloutEngine
+
+logger = logging.getLogger(__name__)
+
+
+def _payload_dir() -> Path:
+    """tmpfs when there is one: a snapshot file is written once and read once by vLLM's worker."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+@dataclass
+class GeneratorStats:
+    """Counters the actor reports (and exports as metrics)."""
+
+    groups: int = 0
+    tokens: int = 0
+    batches: int = 0
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+    weight_loads: int = 0
+    weight_load_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Generator:
+    """Reads tasks, samples with the current snapshot, forwards groups to the verifiers."""
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        queue: StreamQueue,
+        transport: WeightTransport,
+        *,
+        consumer: str,
+        batch_tasks: int = 16,
+    ) -> None:
+        self.engine, self.queue, self.transport = engine, queue, transport
+        self.consumer, self.batch_tasks = consumer, batch_tasks
+        self.snapshot: WeightSnapshot | None = None
+        self.stats = GeneratorStats()
+
+    @property
+    def version(self) -> int:
+        return -1 if self.snapshot is None else self.snapshot.version
+
+    def sync_weights(self) -> bool:
+        """Load the latest announced snapshot if it is newer than ours; True if weights changed."""
+        latest = self.transport.latest()
+        if latest is None or latest.version <= self.version:
+            return False
+        started = time.monotonic()
+        tensors = self.transport.fetch(latest)  # sha256-verified
+        payload, manifest = pack(tensors)
+        path = _payload_dir() / f"lpo-{self.consumer}-{os.getpid()}-v{latest.version}.bin"
+        try:
+            path.write_bytes(payload)
+            self.engine.load_weights(path, manifest)
+        finally:
+            path.unlink(missing_ok=True)
+        self.snapshot = latest
+        self.stats.weight_loads += 1
+        self.stats.weight_load_s += time.monotonic() - started
+        logger.info(
+            "%s loaded snapshot v%d in %.2fs", self.consumer, latest.version, time.monotonic() - started
+        )
+        return True
+
+    def wait_for_version(self, version: int, timeout_s: float = 600.0) -> None:
+        """Block until a snapshot >= ``version`` is loaded (a task admitted for that policy)."""
+        deadline = time.monotonic() + timeout_s
+        while self.version < version:
+            if not self.sync_weights():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{self.consumer}: snapshot v{version} not announced within {timeout_s}s"
+                    )
+                time.sleep(0.05)
+
+    def step(self, block_ms: int | None = None) -> int:
+        """One batch: read up to ``batch_tasks`` tasks, sample, forward. Returns groups produced."""
+        t0 = time.monotonic()
+        entries = self.queue.read("tasks", self.consumer, count=self.batch_tasks, block_ms=block_ms)
+        if not entries:
+            self.sync_weights()
+            self.stats.idle_s += time.monotonic() - t0
+            return 0
+        tasks = [e.message for e in entries]
+        self.wait_for_version(max(t.admit_version for t in tasks))
+        self.sync_weights()  # the newest policy available at this safe point
+        assert self.snapshot is not None  # wait_for_version loaded one
+        t1 = time.monotonic()
+        self.stats.idle_s += t1 - t0
+        sampled = self.engine.generate(tasks)
+        groups = [
+            ResponseGroup(
+                task=task,
+                rollouts=tuple(rollouts),
+                behavior_version=self.snapshot.version,
+                behavior_sha256=self.snapshot.sha256,
+                generator_id=self.consumer,
+            )
+            for task, rollouts in zip(tasks, sampled, strict=True)
+        ]
+        self.queue.forward("tasks", [e.entry_id for e in entries], "rollouts", groups)
+        self.stats.groups += len(groups)
+        self.stats.tokens += sum(r.token_ids.size for g in groups for r in g.rollouts)
+        self.stats.batches += 1
+        self.stats.busy_s += time.monotonic() - t1
+        return len(groups)

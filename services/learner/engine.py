@@ -1,0 +1,285 @@
+"""One learner rank: a DeepSpeed engine around the HF policy, and the LPO iteration of Algorithm 1.
+
+Per rollout batch (``train_step``):
+  1. proximal pass — no-grad log-probs of every response under the weights at the start of the
+     iteration (``pi_t``), plus sampled-token entropy;
+  2. ``updates_per_batch`` optimizer updates, one per mini-batch of groups; each mini-batch is
+     split across ranks by whole groups and into micro-batches of ``micro_batch_groups``;
+  3. the version counter moves to v+1 (the caller publishes the snapshot).
+
+Every rank receives the whole batch and takes its own share deterministically, so global counts
+(groups, tokens) that normalise the loss are known to every rank without communication.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.common.config import LearnerConfig
+from services.common.messages import ResponseGroup
+from services.learner.batch import PackedBatch, pack_groups
+from services.learner.logprobs import response_logprobs
+from services.learner.objectives import LossInputs, ObjectiveConfig, policy_loss
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class RankInfo:
+    """Where this rank sits in the learner group and how it reaches the others."""
+
+    rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+def init_distributed(info: RankInfo) -> None:
+    """torch.distributed through DeepSpeed: gloo on CPU, nccl on CUDA (env vars DeepSpeed reads)."""
+    import deepspeed
+
+    os.environ.update(
+        RANK=str(info.rank),
+        WORLD_SIZE=str(info.world_size),
+        LOCAL_RANK="0" if not torch.cuda.is_available() else str(info.rank % torch.cuda.device_count()),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def deepspeed_config(cfg: LearnerConfig, dtype: str) -> dict:
+    """Gradient accumulation is driven by hand (boundaries set per micro-batch), so GAS stays 1."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+class LearnerEngine:
+    """The policy under training on one rank. Not a Ray actor: ``actor.py`` wraps it."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        cfg: LearnerConfig,
+        *,
+        info: RankInfo = RankInfo(),
+        dtype: str = "float32",
+        sampling_temperature: float = 1.0,
+        initial_version: int = 0,
+    ) -> None:
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        init_distributed(info)
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.info, self.model_dir = cfg, info, model_dir
+        self.temperature = sampling_temperature
+        self.version = initial_version
+        self.objective = ObjectiveConfig(
+            objective=cfg.objective,
+            temperature=cfg.temperature,
+            tau=cfg.tau,
+            clip_eps=cfg.clip_eps,
+            is_cap=cfg.is_cap,
+            pg_aggregation=cfg.pg_aggregation,
+        )
+        if cfg.zero_stage == 3:
+            with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, dtype)):
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[dtype])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[dtype])
+        model.config.use_cache = False
+        self.pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
+        # A torch optimizer (not DeepSpeed's fused/CPU Adam) avoids JIT-building C++ ops at start-up.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, dtype)
+        )
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    # ------------------------------------------------------------------ log-probs
+
+    def logprobs(self, batch: PackedBatch, *, grad: bool, with_entropy: bool = False):
+        """``(N, T)`` log-probs of the batch's response tokens under the current weights."""
+        with torch.set_grad_enabled(grad):
+            return response_logprobs(
+                self.module,
+                batch.input_ids,
+                batch.attention_mask,
+                batch.positions,
+                batch.mask,
+                chunk_tokens=self.cfg.logprob_chunk_tokens,
+                temperature=self.temperature,
+                with_entropy=with_entropy,
+            )
+
+    # ------------------------------------------------------------------ the iteration
+
+    def _shards(self, n_groups: int) -> list[tuple[list[int], list[int]]]:
+        """Per optimizer update: (the mini-batch's global group indices, the ones this rank trains).
+
+        Round-robin by whole groups, so a group is never split and every rank computes the same plan.
+        """
+        per_update = math.ceil(n_groups / self.cfg.updates_per_batch)
+        plan = []
+        for start in range(0, n_groups, per_update):
+            ids = list(range(start, min(start + per_update, n_groups)))
+            plan.append((ids, ids[self.info.rank :: self.info.world_size]))
+        return plan
+
+    def train_step(self, groups: Sequence[ResponseGroup]) -> dict[str, float]:
+        """One rollout batch -> ``updates_per_batch`` optimizer updates -> version + 1."""
+        t0 = time.perf_counter()
+        self.module.train()
+        full = pack_groups(groups, self.pad_id)
+        plan = self._shards(full.num_groups)
+        mine = [i for _, own in plan for i in own]
+        proximal: dict[int, torch.Tensor] = {}
+        entropy = []
+        for i in mine:  # pi_t: the weights at the start of this iteration, before any update
+            one = full.take([i])
+            proximal[i], ent = self.logprobs(one, grad=False, with_entropy=True)
+            entropy.append(ent[one.mask])
+        t_prox = time.perf_counter()
+        sums: dict[str, float] = {}
+        for minibatch, own in plan:
+            for key, value in self._update(full, minibatch, own, proximal).items():
+                sums[key] = sums.get(key, 0.0) + value
+        self.version += 1
+        ent = torch.cat(entropy) if entropy else torch.zeros(0)
+        sums["entropy"] = float(ent.sum())
+        sums["entropy_tokens"] = float(ent.numel())
+        metrics = self._reduce(sums)
+        metrics.update(proximal_s=t_prox - t0, update_s=time.perf_counter() - t_prox)
+        return metrics
+
+    def _update(
+        self, full: PackedBatch, minibatch: list[int], own: list[int], proximal: dict[int, torch.Tensor]
+    ) -> dict[str, float]:
+        """One optimizer update over ``minibatch``; this rank back-propagates its ``own`` groups."""
+        k = full.group_size
+        global_groups = len(minibatch)
+        global_tokens = int(full.take(minibatch).mask.sum())
+        per_rank = math.ceil(global_groups / self.info.world_size)
+        n_micro = max(1, math.ceil(per_rank / self.cfg.micro_batch_groups))  # same count on every rank
+        step = self.cfg.micro_batch_groups
+        sums: dict[str, float] = {"groups": float(len(own)), "updates": 1.0 / self.info.world_size}
+        for m in range(n_micro):
+            ids = own[m * step : (m + 1) * step]
+            self.engine.set_gradient_accumulation_boundary(m == n_micro - 1)
+            if ids:
+                batch = full.take(ids)
+                logp, _ = self.logprobs(batch, grad=True)
+                logp_t = torch.cat([proximal[i] for i in ids])
+                logp_b = logp_t if self.cfg.behavior_logprobs == "proximal" else batch.logp_behavior
+                shape = (len(ids), k, -1)
+                out = policy_loss(
+                    LossInputs(
+                        logp=logp.view(shape),
+                        logp_proximal=logp_t.view(shape),
+                        logp_behavior=logp_b.view(shape),
+                        mask=batch.mask.view(shape),
+                        rewards=batch.rewards,
+                        stale=batch.versions < self.version,
+                        global_groups=global_groups,
+                        global_tokens=global_tokens,
+                    ),
+                    self.objective,
+                )
+                loss = out.loss
+                for key, value in out.metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value * len(ids)
+                sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach())
+            else:  # keep collectives in step with the other ranks: a zero-weight dummy forward
+                pad = torch.full((1, 1), self.pad_id, dtype=torch.long)
+                loss = self.module(input_ids=pad).logits.sum() * 0.0
+            # DeepSpeed averages gradients over ranks; the loss is normalised by global counts already.
+            self.engine.backward(loss * self.info.world_size, scale_wrt_gas=False)
+            norm = self._full_grad_norm() if m == n_micro - 1 and self.cfg.zero_stage == 0 else None
+            self.engine.step()
+            if m == n_micro - 1:
+                norm = norm if norm is not None else float(self.engine.get_global_grad_norm() or 0.0)
+                sums["grad_norm"] = norm / self.info.world_size  # identical on every rank
+        return sums
+
+    def _full_grad_norm(self) -> float:
+        """Gradient norm before clipping when every rank holds full gradients (ZeRO stage 0)."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        """Sum the per-rank sums across ranks, then turn them into means over groups / tokens."""
+        keys = sorted(sums)
+        vec = torch.tensor([sums[key] for key in keys], dtype=torch.float64)
+        if self.info.world_size > 1:
+            torch.distributed.all_reduce(vec)
+        total = dict(zip(keys, vec.tolist(), strict=True))
+        groups = max(total.pop("groups"), 1.0)
+        updates = max(total.pop("updates"), 1.0)
+        tokens = max(total.pop("entropy_tokens"), 1.0)
+        out = {"entropy": total.pop("entropy") / tokens}
+        for key in ("loss", "grad_norm"):
+            if key in total:
+                out[key] = total.pop(key) / updates
+        out.update({key: value / groups for key, value in total.items()})
+        return out
+
+    # ------------------------------------------------------------------ weights out
+
+    def state_items(self, bucket_params: int = 64) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) pairs of the policy, for a snapshot or a checkpoint.
+
+        ZeRO-3 holds parameter shards: gather ``bucket_params`` parameters at a time (every rank
+        must iterate, only rank 0's tensors are meant to be used). Tied weights appear once.
+        """
+        seen: set[int] = set()
+        named = list(self.module.named_parameters())
+        if self.cfg.zero_stage < 3:
+            for name, param in named:
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield name, param.detach()
+            return
+        import deepspeed
+
+        for start in range(0, len(named), bucket_params):
+            bucket = named[start : start + bucket_params]
+            with deepspeed.zero.GatheredParameters([p for _, p in bucket]):
+                for name, param in bucket:
+                    if id(param) not in seen:
+                        seen.add(id(param))
+                        yield name, param.detach().clone()
+
+    def save_hf(self, out_dir: str | Path) -> Path:
+        """A ``save_pretrained``-compatible checkpoint (config, safetensors, tokenizer) on rank 0."""
+        from transformers import AutoTokenizer
+
+        out = Path(out_dir)
+        state = dict(self.state_items())
+        if self.info.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            self.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+            AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(out)
+        return out

