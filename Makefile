@@ -42,7 +42,7 @@ $(STAMP): requirements/cpu.in requirements/cpu.lock
 	@touch $@
 
 run: setup
-	$(PY) -m services.tools build-tiny
+	$(PY) -m services.coordinator --config $(CONFIG)
 
 test: setup lint
 	$(PY) -m pytest

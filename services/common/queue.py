@@ -154,6 +154,22 @@ class StreamQueue:
         fields = self._fields(stream, message)
         return _str(self._call(f"XADD {key}", lambda: self._redis.xadd(key, fields)))
 
+    def put_many(self, stream: str, messages: Sequence[Message]) -> list[str]:
+        """Append messages in one MULTI/EXEC: a reader sees all of them or none (a whole step's tasks
+        reach one generator batch together). Returns their entry ids, in order."""
+        key = self.key(stream)
+        payloads = [self._fields(stream, m) for m in messages]
+        if not payloads:
+            return []
+
+        def transaction() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=True)
+            for fields in payloads:
+                pipe.xadd(key, fields)
+            return pipe.execute()
+
+        return [_str(r) for r in self._call(f"MULTI XADD {key}", transaction)]
+
     def forward(
         self, in_stream: str, entry_ids: Sequence[str], out_stream: str, messages: Sequence[Message]
     ) -> list[str]:

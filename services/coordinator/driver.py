@@ -17,9 +17,11 @@ from typing import Any
 from services.common.config import RunConfig
 from services.common.logs import setup_logging
 from services.common.messages import ResponseGroup
+from services.common.queue import QueueEntry
 from services.coordinator.admission import policy_lag, to_admit
 from services.coordinator.rundir import RunDir
 from services.coordinator.runtime import Runtime
+from services.learner.intake import GroupIntake, entry_order, length_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +58,8 @@ class Coordinator:
         tokenizer = AutoTokenizer.from_pretrained(rt.model_dir)
         self.tasks = TaskSource(cfg, training_problems(cfg, exclude=self.heldout), tokenizer)
         self.version = 0
-        self.dropped: Counter[str] = Counter()
-        self.trained: set[str] = set()
+        self.intake = GroupIntake(cfg.coordinator.max_policy_lag)
+        self.buffer: list[QueueEntry] = []  # read, admissible, not yet trained (oldest first)
         self.evals: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ the loop
@@ -65,7 +67,7 @@ class Coordinator:
     def train(self) -> dict[str, Any]:
         cfg = self.cfg.coordinator
         started = time.perf_counter()
-        self.rt.learner.publish()  # version 0 = the base weights, with its sha256
+        self.publish()  # version 0 = the base weights, with its sha256
         self.evaluate(step=0)
         self.rt.start_loops()
         progress = _progress(cfg.steps)
@@ -78,10 +80,9 @@ class Coordinator:
             with phases("train"):
                 metrics = self.rt.learner.train(groups)
             with phases("publish"):
-                self.rt.learner.publish()
-                self.version += 1
+                self.publish()
             self.queue.ack("groups", entry_ids)  # acked only once the update is published
-            self.trained.update(g.group_id for g in groups)
+            self.intake.mark_trained(groups)
             record = self.record(step, groups, metrics, lags, phases.seconds)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 self.evaluate(step)
@@ -89,40 +90,50 @@ class Coordinator:
         self.evaluate(step=cfg.steps)
         return self.finish(time.perf_counter() - started)
 
+    def publish(self) -> None:
+        snapshot = self.rt.learner.publish()
+        self.version = snapshot.version
+        self.intake.record_snapshot(snapshot.version, snapshot.sha256)
+
     def admit(self) -> int:
+        """Admit what the lag bound allows now, as one batch (one generator read takes it whole)."""
         c = self.cfg.coordinator
+        # A dropped group frees its task's slot (a replacement keeps the step full); a duplicate
+        # was a second delivery of a task that is counted already.
+        freed = self.intake.drops.total - self.intake.drops.by_reason["duplicate"]
         n = to_admit(
-            self.tasks.position,
+            self.tasks.position - freed,
             self.version,
             c.prompts_per_step,
             c.max_policy_lag,
             c.steps * c.prompts_per_step,
         )
-        for _ in range(n):
-            self.queue.put("tasks", self.tasks.next(admit_version=self.version))
+        self.queue.put_many("tasks", [self.tasks.next(admit_version=self.version) for _ in range(n)])
         return n
 
     def collect(self) -> tuple[list[ResponseGroup], list[str], list[int]]:
-        """The next ``prompts_per_step`` admissible scored groups, oldest first; drops the rest."""
-        want, groups, ids, lags = self.cfg.coordinator.prompts_per_step, [], [], []
-        while len(groups) < want:
-            for entry in self.queue.read("groups", "learner", count=want - len(groups)):
-                group: ResponseGroup = entry.message
-                lag = policy_lag(self.version, group.behavior_version)
-                reason = None
-                if group.group_id in self.trained:
-                    reason = "duplicate"
-                elif lag > self.cfg.coordinator.max_policy_lag:
-                    reason = "stale"
-                if reason:
-                    self.dropped[reason] += 1
-                    self.queue.ack("groups", [entry.entry_id])
-                    logger.warning("dropped group %s (%s, lag %d)", group.group_id, reason, lag)
-                    continue
-                groups.append(group)
-                ids.append(entry.entry_id)
-                lags.append(lag)
-        return groups, ids, lags
+        """The next ``prompts_per_step`` admissible scored groups, oldest behaviour version first."""
+        want = self.cfg.coordinator.prompts_per_step
+        self.buffer = [e for e in self.buffer if not self._dropped(e)]  # the version moved: re-check
+        while len(self.buffer) < want:
+            for entry in self.queue.read("groups", "learner", count=max(want, 64)):
+                if not self._dropped(entry):
+                    self.buffer.append(entry)
+        self.buffer.sort(key=lambda e: (e.message.behavior_version, entry_order(e.entry_id)))
+        take, self.buffer = self.buffer[:want], self.buffer[want:]
+        groups = [e.message for e in take]
+        return (
+            groups,
+            [e.entry_id for e in take],
+            [policy_lag(self.version, g.behavior_version) for g in groups],
+        )
+
+    def _dropped(self, entry: QueueEntry) -> bool:
+        reason = self.intake.reason_to_drop(entry.message, self.version)
+        if reason is not None:
+            self.intake.drop(entry.message, reason, self.version)
+            self.queue.ack("groups", [entry.entry_id])
+        return reason is not None
 
     # ------------------------------------------------------------------ records
 
@@ -138,13 +149,26 @@ class Coordinator:
             "reward_mean": sum(rewards) / len(rewards),
             "response_length_mean": sum(lengths) / len(lengths),
             "lag_histogram": {str(k): v for k, v in sorted(Counter(lags).items())},
-            "dropped": dict(self.dropped),
+            "length_histogram": length_histogram(groups),
+            "dropped": dict(self.intake.drops.by_reason),
+            "dropped_length_histogram": {str(k): v for k, v in sorted(self.intake.drops.length_hist.items())},
+            "dropped_reward_histogram": {str(k): v for k, v in sorted(self.intake.drops.reward_hist.items())},
+            "queue": self.queue_depths(),
             "phase_s": {k: round(v, 4) for k, v in phases.items()},
             "step_s": round(sum(phases.values()), 4),
             **metrics,
         }
         self.rundir.log_step(record)
         return record
+
+    def queue_depths(self) -> dict[str, int]:
+        """Backlog and in-flight entries per stream (for the async-health view)."""
+        out = {}
+        for stream in ("tasks", "rollouts", "groups"):
+            out[f"{stream}_pending"] = self.queue.pending_count(stream)
+            out[f"{stream}_length"] = self.queue.length(stream)
+        out["buffered"] = len(self.buffer)
+        return out
 
     def evaluate(self, step: int) -> dict[str, Any]:
         import ray
@@ -175,10 +199,11 @@ class Coordinator:
         summary = {
             "steps": self.cfg.coordinator.steps,
             "wall_seconds": round(wall_s, 2),
-            "trained_groups": len(self.trained),
-            "dropped_groups": sum(self.dropped.values()),
-            "dropped_by_reason": dict(self.dropped),
+            "trained_groups": len(self.intake.trained),
+            "dropped_groups": self.intake.drops.total,
+            "dropped_by_reason": dict(self.intake.drops.by_reason),
             "final_version": self.version,
+            "final_sha256": self.intake.history[self.version],
             "initial_eval": brief(self.evals[0]),
             "final_eval": brief(self.evals[-1]),
         }

@@ -28,16 +28,19 @@ def resolve_model(path: str) -> str:
     return snapshot_download(repo_id=path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
 
 
-def init_ray(cfg: RunConfig) -> None:
-    """Join the cluster (``ray job submit`` / ``RAY_ADDRESS`` / ``cluster.address``) or start a local one."""
+def init_ray(cfg: RunConfig) -> bool:
+    """Join the cluster (``ray job submit`` / ``RAY_ADDRESS`` / ``cluster.address``) or start a local one.
+    Returns whether this call started Ray (and so must shut it down)."""
     import ray
 
+    if ray.is_initialized():  # an embedding process (a test, a notebook) already connected
+        return False
     env = {k: os.environ[k] for k in ("LPO_CACHE_DIR", "LPO_LOG_LEVEL") if k in os.environ}
     env.setdefault("LPO_CACHE_DIR", str(project_cache_dir()))
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-        return
+        return True
     c = cfg.cluster
     needed = (
         cfg.generator.num_actors * c.generator.num_cpus
@@ -52,6 +55,7 @@ def init_ray(cfg: RunConfig) -> None:
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )
+    return True
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Runtime:
     generators: list[Any] = field(default_factory=list)
     verifiers: list[Any] = field(default_factory=list)
     learner: Any = None
+    owns_ray: bool = False
 
     @classmethod
     def start(cls, cfg: RunConfig) -> Runtime:
@@ -80,7 +85,7 @@ class Runtime:
         redis_url, server = connect(cfg.queue.redis_url)
         rt = cls(cfg=cfg, redis_url=redis_url, model_dir=model_dir, redis_server=server)
         try:
-            init_ray(cfg)
+            rt.owns_ray = init_ray(cfg)
             c = cfg.cluster
             rt.learner = LearnerGroup(cfg, model_dir, redis_url)
             rt.generators = [
@@ -115,6 +120,7 @@ class Runtime:
                 ray.kill(actor)
             if self.learner is not None:
                 self.learner.shutdown()
-            ray.shutdown()
+            if self.owns_ray:
+                ray.shutdown()
         if self.redis_server is not None:
             self.redis_server.stop()

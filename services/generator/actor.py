@@ -49,6 +49,14 @@ class GeneratorActor:
             with self._lock:
                 self.gen.step(block_ms=min(self.cfg.queue.block_ms, 200))
 
+    def sample(self, payloads: list[bytes]) -> list[bytes]:
+        """Queue-less sampling of encoded tasks (the synchronous reference loop of the tests)."""
+        from services.common.messages import RolloutTask, decode, encode
+
+        with self._lock:
+            groups = self.gen.sample([decode(p, RolloutTask) for p in payloads])
+        return [encode(g) for g in groups]
+
     def stop(self) -> None:
         self._stop.set()
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.messages import ResponseGroup, WeightSnapshot
+from services.common.messages import ResponseGroup, RolloutTask, WeightSnapshot
 from services.common.queue import StreamQueue
 from services.common.weights import WeightTransport, pack
 from services.generator.interface import RolloutEngine
@@ -103,26 +103,32 @@ class Generator:
             self.sync_weights()
             self.stats.idle_s += time.monotonic() - t0
             return 0
-        tasks = [e.message for e in entries]
-        self.wait_for_version(max(t.admit_version for t in tasks))
-        self.sync_weights()  # the newest policy available at this safe point
-        assert self.snapshot is not None  # wait_for_version loaded one
         t1 = time.monotonic()
         self.stats.idle_s += t1 - t0
+        groups = self.sample([e.message for e in entries])
+        self.queue.forward("tasks", [e.entry_id for e in entries], "rollouts", groups)
+        self.stats.busy_s += time.monotonic() - t1
+        return len(groups)
+
+    def sample(self, tasks: list[RolloutTask]) -> list[ResponseGroup]:
+        """Sample every task with one snapshot: the newest one at this safe point, and at least the
+        version each task was admitted for."""
+        self.wait_for_version(max(t.admit_version for t in tasks))
+        self.sync_weights()
+        snapshot = self.snapshot
+        assert snapshot is not None  # wait_for_version loaded one
         sampled = self.engine.generate(tasks)
         groups = [
             ResponseGroup(
                 task=task,
                 rollouts=tuple(rollouts),
-                behavior_version=self.snapshot.version,
-                behavior_sha256=self.snapshot.sha256,
+                behavior_version=snapshot.version,
+                behavior_sha256=snapshot.sha256,
                 generator_id=self.consumer,
             )
             for task, rollouts in zip(tasks, sampled, strict=True)
         ]
-        self.queue.forward("tasks", [e.entry_id for e in entries], "rollouts", groups)
         self.stats.groups += len(groups)
         self.stats.tokens += sum(r.token_ids.size for g in groups for r in g.rollouts)
         self.stats.batches += 1
-        self.stats.busy_s += time.monotonic() - t1
-        return len(groups)
+        return groups

@@ -155,25 +155,54 @@ class LearnerEngine:
         self.module.train()
         full = pack_groups(groups, self.pad_id)
         plan = self._shards(full.num_groups)
-        mine = [i for _, own in plan for i in own]
-        proximal: dict[int, torch.Tensor] = {}
-        entropy = []
-        for i in mine:  # pi_t: the weights at the start of this iteration, before any update
-            one = full.take([i])
-            proximal[i], ent = self.logprobs(one, grad=False, with_entropy=True)
-            entropy.append(ent[one.mask])
+        proximal, sums = self._proximal_pass(full, [i for _, own in plan for i in own])
         t_prox = time.perf_counter()
-        sums: dict[str, float] = {}
         for minibatch, own in plan:
             for key, value in self._update(full, minibatch, own, proximal).items():
                 sums[key] = sums.get(key, 0.0) + value
         self.version += 1
-        ent = torch.cat(entropy) if entropy else torch.zeros(0)
-        sums["entropy"] = float(ent.sum())
-        sums["entropy_tokens"] = float(ent.numel())
         metrics = self._reduce(sums)
         metrics.update(proximal_s=t_prox - t0, update_s=time.perf_counter() - t_prox)
         return metrics
+
+    def _proximal_pass(
+        self, full: PackedBatch, mine: list[int]
+    ) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
+        """``pi_t`` log-probs (no grad) of this rank's groups, before any update of this iteration, and
+        what they say about the behaviour policy: the train/inference mismatch on groups sampled by
+        the current version, and ``|s_t|`` on fresh vs stale groups."""
+        proximal: dict[int, torch.Tensor] = {}
+        sums = dict.fromkeys(
+            ("entropy", "entropy_tokens", "mismatch_sum", "mismatch_tokens", "mismatch_max",
+             "s_t_fresh", "fresh_groups", "s_t_stale", "stale_groups"),
+            0.0,
+        )  # fmt: skip
+        step = self.cfg.micro_batch_groups
+        for start in range(0, len(mine), step):  # micro-batches: one forward per chunk of groups
+            ids = mine[start : start + step]
+            chunk = full.take(ids)
+            logp_t, ent = self.logprobs(chunk, grad=False, with_entropy=True)
+            sums["entropy"] += float(ent[chunk.mask].sum())
+            sums["entropy_tokens"] += float(chunk.mask.sum())
+            k = full.group_size
+            for j, i in enumerate(ids):
+                rows = slice(j * k, (j + 1) * k)
+                proximal[i] = logp_t[rows]
+                mask, gap = chunk.mask[rows], (logp_t[rows] - chunk.logp_behavior[rows])
+                s_t = torch.where(mask, gap, 0.0).sum(-1).abs().mean()  # mean |s_t| over the K responses
+                if int(chunk.versions[j]) == self.version:
+                    tokens = gap[mask].abs()
+                    sums["mismatch_sum"] += float(tokens.sum())
+                    sums["mismatch_tokens"] += float(tokens.numel())
+                    sums["mismatch_max"] = max(
+                        sums["mismatch_max"], float(tokens.max()) if tokens.numel() else 0.0
+                    )
+                    sums["s_t_fresh"] += float(s_t)
+                    sums["fresh_groups"] += 1
+                else:
+                    sums["s_t_stale"] += float(s_t)
+                    sums["stale_groups"] += 1
+        return proximal, sums
 
     def _update(
         self, full: PackedBatch, minibatch: list[int], own: list[int], proximal: dict[int, torch.Tensor]
@@ -229,21 +258,30 @@ class LearnerEngine:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
+    _RATIOS = {  # reported metric: (numerator sum, denominator sum)
+        "entropy": ("entropy", "entropy_tokens"),
+        "mismatch_mean": ("mismatch_sum", "mismatch_tokens"),
+        "abs_s_t_fresh": ("s_t_fresh", "fresh_groups"),
+        "abs_s_t_stale": ("s_t_stale", "stale_groups"),
+        "loss": ("loss", "updates"),
+        "grad_norm": ("grad_norm", "updates"),
+    }
+
     def _reduce(self, sums: dict[str, float]) -> dict[str, float]:
-        """Sum the per-rank sums across ranks, then turn them into means over groups / tokens."""
-        keys = sorted(sums)
+        """Sum the per-rank sums across ranks (max for maxima), then form the reported means."""
+        keys = sorted(k for k in sums if k != "mismatch_max")
         vec = torch.tensor([sums[key] for key in keys], dtype=torch.float64)
+        peak = torch.tensor([sums.get("mismatch_max", 0.0)], dtype=torch.float64)
         if self.info.world_size > 1:
             torch.distributed.all_reduce(vec)
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
         total = dict(zip(keys, vec.tolist(), strict=True))
-        groups = max(total.pop("groups"), 1.0)
-        updates = max(total.pop("updates"), 1.0)
-        tokens = max(total.pop("entropy_tokens"), 1.0)
-        out = {"entropy": total.pop("entropy") / tokens}
-        for key in ("loss", "grad_norm"):
-            if key in total:
-                out[key] = total.pop(key) / updates
-        out.update({key: value / groups for key, value in total.items()})
+        out = {"mismatch_max": float(peak[0]), "stale_groups": total["stale_groups"]}
+        for name, (num, den) in self._RATIOS.items():
+            out[name] = total.pop(num, 0.0) / max(total[den], 1.0)
+        groups = max(total["groups"], 1.0)
+        skip = {"groups", *(den for _, den in self._RATIOS.values())}
+        out.update({key: value / groups for key, value in total.items() if key not in skip})
         return out
 
     # ------------------------------------------------------------------ weights out
