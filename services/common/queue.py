@@ -282,6 +282,12 @@ class StreamQueue:
                 self._dead_letter(stream, group, entry_id, fields or {}, str(exc))
         return entries
 
+    def reject(self, stream: str, entry: QueueEntry, reason: str) -> None:
+        """Move a decoded entry that its stage cannot process (e.g. an unknown task kind) to the
+        dead-letter stream with the reason, and acknowledge it: never lost, never retried forever."""
+        fields = {b"m": encode(entry.message), b"id": _message_id(entry.message).encode()}
+        self._dead_letter(stream, self.group(stream), entry.entry_id, fields, reason)
+
     def _dead_letter(
         self, stream: str, group: str, entry_id: str, fields: dict[bytes, bytes], reason: str
     ) -> None:

@@ -2,8 +2,16 @@
 
 ``build_tiny`` makes, deterministically from a :class:`TinySpec`, a Hugging Face model folder
 (safetensors, fp32, tokenizer, generation config) that transformers and vLLM-CPU both load. It is
-trained just long enough to answer in the ``<answer>…</answer>`` format and to get some Countdown
-problems right (expected Pass@1 well inside [0.05, 0.5]), which leaves room for RL to show learning.
+trained just long enough to get some Countdown problems right (expected Pass@1 well inside
+[0.05, 0.5]), which leaves room for RL to show learning.
+
+Like a base LM asked for a tagged answer, it does not always comply: a fraction
+``TinySpec.untagged_fraction`` of its SFT answers are the bare expression, without the
+``<answer>…</answer>`` tags the scorer requires. Those score 0 however right the arithmetic is, so
+the base policy's format habit is the first thing RL has to fix — the early phase of Countdown RL on
+base models — and the rest of the gain is sharpening towards the correct expressions. The habit is
+decided at the first response token, so the signal RL needs is dense and general, not memorised per
+problem.
 
 The folder is content-addressed: its default name carries a hash of the spec, a build goes to a
 temp folder that is renamed into place only when complete, and a folder whose ``tiny_spec.json``
@@ -34,7 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump when the build code changes what it produces for the same spec, so stale caches are rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 SPEC_FILE = "tiny_spec.json"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Every character a prompt or answer can contain, one token each. Letters cover the prompt words and
@@ -64,6 +72,8 @@ class TinySpec:
     train_seed: int = 1
     """Seed of the SFT problems; held-out problems use ``heldout_seed`` and exclude these."""
     heldout_seed: int = 2
+    untagged_fraction: float = 0.0
+    """Share of SFT answers written without the answer tags (the format habit RL removes)."""
     min_nums: int = 3
     max_nums: int = 4
     max_num: int = 20
@@ -78,6 +88,8 @@ class TinySpec:
             )
         if min(self.train_steps, self.batch_size, self.max_position_embeddings) < 1 or self.lr <= 0:
             raise ValueError(f"train_steps, batch_size, max_position_embeddings and lr must be > 0: {self}")
+        if not 0.0 <= self.untagged_fraction < 1.0:
+            raise ValueError(f"untagged_fraction must be in [0, 1), got {self.untagged_fraction}")
         if self.train_seed == self.heldout_seed:
             raise ValueError(f"train_seed and heldout_seed must differ, both are {self.train_seed}")
 
@@ -190,13 +202,18 @@ def _model_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> LlamaCo
 
 
 def _encode_examples(
-    problems: list[CountdownProblem], tokenizer: PreTrainedTokenizerFast
+    problems: list[CountdownProblem], tokenizer: PreTrainedTokenizerFast, spec: TinySpec
 ) -> list[tuple[list[int], int]]:
-    """(token ids of ``<s> prompt answer </s>``, number of prompt tokens incl. ``<s>``) per problem."""
+    """(token ids of ``<s> prompt answer </s>``, number of prompt tokens incl. ``<s>``) per problem;
+    a seeded ``untagged_fraction`` of the answers is the bare expression."""
+    import random
+
+    rng = random.Random(spec.seed * 31 + 7)
     out = []
     for p in problems:
         prompt_ids = tokenizer(format_prompt(p.nums, p.target))["input_ids"]
-        answer_ids = tokenizer(format_answer(p.solution), add_special_tokens=False)["input_ids"]
+        answer = p.solution if rng.random() < spec.untagged_fraction else format_answer(p.solution)
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         out.append((prompt_ids + answer_ids + [tokenizer.eos_token_id], len(prompt_ids)))
     return out
 
@@ -205,7 +222,7 @@ def _sft(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, spec: Tiny
     """Teacher-forced SFT on prompt + answer + eos, loss on the answer tokens (and eos) only."""
     import torch
 
-    examples = _encode_examples(train_problems(spec), tokenizer)
+    examples = _encode_examples(train_problems(spec), tokenizer, spec)
     too_long = max(len(ids) for ids, _ in examples)
     if too_long > spec.max_position_embeddings:
         raise ValueError(f"an SFT example has {too_long} tokens > max_position_embeddings; raise it")

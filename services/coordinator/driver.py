@@ -71,6 +71,7 @@ class Coordinator:
         self.evaluate(step=0)
         self.rt.start_loops()
         progress = _progress(cfg.steps)
+        self.loop_seconds = 0.0
         for step in range(1, cfg.steps + 1):
             phases = Phases()
             with phases("admit"):
@@ -84,6 +85,10 @@ class Coordinator:
             self.queue.ack("groups", entry_ids)  # acked only once the update is published
             self.intake.mark_trained(groups)
             record = self.record(step, groups, metrics, lags, phases.seconds)
+            self.loop_seconds += record["step_s"]
+            every = self.cfg.learner.checkpoint_every
+            if every and step % every == 0 and step < cfg.steps:
+                self.rt.learner.save_hf(str(self.rundir.checkpoints / f"step-{step}"))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 self.evaluate(step)
             progress(step, record, self.evals[-1]["pass_at_1"])
@@ -199,6 +204,7 @@ class Coordinator:
         summary = {
             "steps": self.cfg.coordinator.steps,
             "wall_seconds": round(wall_s, 2),
+            "loop_seconds": round(self.loop_seconds, 2),
             "trained_groups": len(self.intake.trained),
             "dropped_groups": self.intake.drops.total,
             "dropped_by_reason": dict(self.intake.drops.by_reason),

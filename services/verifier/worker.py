@@ -16,6 +16,7 @@ class VerifierStats:
     groups: int = 0
     passed: int = 0
     responses: int = 0
+    rejected: int = 0
 
 
 class VerifierWorker:
@@ -29,8 +30,16 @@ class VerifierWorker:
         entries = self.queue.read("rollouts", self.consumer, count=self.batch, block_ms=block_ms)
         if not entries:
             return 0
-        scored = [score_group(e.message) for e in entries]
-        self.queue.forward("rollouts", [e.entry_id for e in entries], "groups", scored)
+        scored, done = [], []
+        for entry in entries:
+            try:
+                scored.append(score_group(entry.message))
+                done.append(entry.entry_id)
+            except ValueError as exc:  # bad task data (unknown kind, bad reference): never reward 0
+                logger.error("cannot score group %s: %s", entry.message.group_id, exc)
+                self.queue.reject("rollouts", entry, f"scoring failed: {exc}")
+                self.stats.rejected += 1
+        self.queue.forward("rollouts", done, "groups", scored)
         self.stats.groups += len(scored)
         self.stats.responses += sum(len(g.rollouts) for g in scored)
         self.stats.passed += sum(v == "pass" for g in scored for v in (g.verdicts or ()))

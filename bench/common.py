@@ -1,0 +1,37 @@
+"""Helpers shared by the benchmarks: run the coordinator as a user would and read its run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def run_coordinator(overrides: list[str], runs_dir: Path, name: str, timeout_s: int = 3600) -> Path:
+    """``python -m services.coordinator --config configs/countdown-tiny.yaml --set ...``; returns the
+    run directory (raises with the log tail on failure)."""
+    cmd = [sys.executable, "-m", "services.coordinator", "--config", "configs/countdown-tiny.yaml"]
+    for o in [*overrides, f"coordinator.runs_dir={runs_dir}", f"coordinator.run_name={name}"]:
+        cmd += ["--set", o]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, env=os.environ.copy()
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return runs_dir / name
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return out

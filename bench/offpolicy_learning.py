@@ -1,0 +1,134 @@
+"""Learning against samples consumed, off-policy: lpo_fwd with engine vs proximal behaviour log-probs,
+and pg, at max_policy_lag 0, 1, 2, several seeds each (tiny Countdown config, real pipeline).
+
+Writes bench/results/offpolicy_learning.json (every run's eval curve and final figures, and the
+mean/std per setting) and offpolicy_learning.png (Pass@1 against samples consumed).
+Usage: python bench/offpolicy_learning.py [--steps N] [--seeds 0 1 2] [--lags 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from common import RESULTS, read_jsonl, run_coordinator, write_result
+
+SETTINGS = {
+    "lpo_fwd/engine": ["learner.objective=lpo_fwd", "learner.behavior_logprobs=engine"],
+    "lpo_fwd/proximal": ["learner.objective=lpo_fwd", "learner.behavior_logprobs=proximal"],
+    "pg": ["learner.objective=pg", "learner.behavior_logprobs=engine"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lags", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for lag in args.lags:
+            for name, overrides in SETTINGS.items():
+                for seed in args.seeds:
+                    run_name = f"{name.replace('/', '-')}-lag{lag}-s{seed}"
+                    run_dir = run_coordinator(
+                        [
+                            *overrides,
+                            f"coordinator.steps={args.steps}",
+                            f"coordinator.eval_every={args.eval_every}",
+                            f"coordinator.max_policy_lag={lag}",
+                            f"generator.seed={seed}",
+                            f"learner.seed={seed}",
+                        ],
+                        Path(tmp),
+                        run_name,
+                    )
+                    summary = json.loads((run_dir / "summary.json").read_text())
+                    steps = read_jsonl(run_dir / "metrics.jsonl")
+                    per_step = steps[0]["groups"] * 8
+                    curve = [
+                        {
+                            "samples": e["step"] * per_step,
+                            "pass_at_1": e["pass_at_1"],
+                            "pass_at_k": e["pass_at_k"],
+                        }
+                        for e in read_jsonl(run_dir / "eval.jsonl")
+                    ]
+                    runs.append(
+                        {
+                            "setting": name,
+                            "max_policy_lag": lag,
+                            "seed": seed,
+                            "curve": curve,
+                            "final": summary["final_eval"],
+                            "initial": summary["initial_eval"],
+                            "dropped": summary["dropped_by_reason"],
+                            "mean_abs_s_t_stale": statistics.mean(s.get("abs_s_t_stale", 0.0) for s in steps),
+                        }
+                    )
+                    print(
+                        f"{run_name}: Pass@1 {summary['initial_eval']['pass_at_1']:.3f} -> "
+                        f"{summary['final_eval']['pass_at_1']:.3f}",
+                        flush=True,
+                    )
+    table = _table(runs)
+    write_result("offpolicy_learning", {"steps": args.steps, "runs": runs, "table": table})
+    _plot(runs, RESULTS / "offpolicy_learning.png")
+    for row in table:
+        print(row)
+
+
+def _table(runs: list[dict]) -> list[dict]:
+    rows = []
+    for lag in sorted({r["max_policy_lag"] for r in runs}):
+        for name in SETTINGS:
+            sel = [r for r in runs if r["setting"] == name and r["max_policy_lag"] == lag]
+            if not sel:
+                continue
+            p1 = [r["final"]["pass_at_1"] for r in sel]
+            pk = [r["final"]["pass_at_k"] for r in sel]
+            rows.append(
+                {
+                    "setting": name,
+                    "max_policy_lag": lag,
+                    "pass_at_1_mean": statistics.mean(p1),
+                    "pass_at_1_std": statistics.pstdev(p1),
+                    "pass_at_k_mean": statistics.mean(pk),
+                    "pass_at_k_std": statistics.pstdev(pk),
+                    "seeds": len(sel),
+                }
+            )
+    return rows
+
+
+def _plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lags = sorted({r["max_policy_lag"] for r in runs})
+    fig, axes = plt.subplots(1, len(lags), figsize=(4.5 * len(lags), 3.6), sharey=True, squeeze=False)
+    for ax, lag in zip(axes[0], lags, strict=True):
+        for name, color in zip(SETTINGS, ("tab:blue", "tab:cyan", "tab:red"), strict=True):
+            sel = [r for r in runs if r["setting"] == name and r["max_policy_lag"] == lag]
+            if not sel:
+                continue
+            xs = [p["samples"] for p in sel[0]["curve"]]
+            ys = [statistics.mean(r["curve"][i]["pass_at_1"] for r in sel) for i in range(len(xs))]
+            ax.plot(xs, ys, marker="o", color=color, label=name)
+        ax.set_title(f"max_policy_lag = {lag}")
+        ax.set_xlabel("samples consumed")
+    axes[0][0].set_ylabel("held-out Pass@1 (mean over seeds)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
