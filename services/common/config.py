@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -96,6 +96,43 @@ class VerifierConfig(_Section):
     """Let the training loop run code tasks with ``sandbox: none`` (refused otherwise)."""
     timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
     """Wall-clock limit per scored item."""
+    sandbox_fallback: bool = False
+    """If the configured backend fails its start-up probe, use the first isolating backend (nsjail, bwrap)
+    that passes instead of refusing to start; never falls back to ``none``."""
+    python: str = Field("/usr/bin/python3", pattern=r"^/\S+$")
+    """Interpreter that runs code-task programs inside the sandbox (under the read-only system binds)."""
+    memory_mb: int = Field(512, ge=32, le=65536)
+    """Default and largest memory limit of one code execution (the whole process tree, MiB)."""
+    pids_max: int = Field(64, ge=4, le=4096)
+    """Most processes/threads one code execution may have at once."""
+    fsize_mb: int = Field(16, ge=1, le=4096)
+    """Largest file one code execution may write (MiB)."""
+    output_bytes: int = Field(1 << 20, ge=1024, le=1 << 28)
+    """Cap on the captured stdout and on the captured stderr of one execution (bytes; the rest is dropped)."""
+    tmp_dir: str | None = None
+    """Where per-execution temp dirs are made; None: /dev/shm when writable (counted against the run's
+    memory cgroup), else the system temp dir."""
+    math_workers: int = Field(2, ge=1, le=256)
+    """Processes of the math-verify pool (each check runs in one, killed on overrun)."""
+    math_timeout_s: float = Field(5.0, gt=0.0, le=600.0)
+    """Hard per-check limit of a math verification; the worker is killed past it."""
+    code_short_circuit: bool = False
+    """Default for code items: stop at the first failing test and give a binary reward (1 or 0)."""
+    api_keys: tuple[SecretStr, ...] = ()
+    """Bearer API keys of the REST service (plus ``LPO_VERIFIER_API_KEYS``, comma-separated); with none,
+    the service only binds a loopback address."""
+    max_concurrency: int = Field(4, ge=1, le=1024)
+    """Items the REST service scores at once (sandbox slots)."""
+    max_waiting: int = Field(32, ge=0, le=100_000)
+    """Requests that may wait for a slot; past it the service answers 429."""
+    max_body_bytes: int = Field(8 << 20, ge=1024, le=1 << 30)
+    """Largest REST request body (413 past it)."""
+    max_item_bytes: int = Field(1 << 20, ge=256, le=1 << 30)
+    """Largest single item of a batch, as JSON (413 past it)."""
+    max_items: int = Field(256, ge=1, le=100_000)
+    """Most items in one REST batch."""
+    task_ttl_s: int = Field(86_400, ge=60, le=30 * 86_400)
+    """How long ``/v1/tasks`` results are kept in Redis."""
 
 
 class LearnerConfig(_Section):

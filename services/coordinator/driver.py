@@ -61,6 +61,8 @@ class Coordinator:
         self.intake = GroupIntake(cfg.coordinator.max_policy_lag)
         self.buffer: list[QueueEntry] = []  # read, admissible, not yet trained (oldest first)
         self.evals: list[dict[str, Any]] = []
+        self._gen_idle = 0.0  # generators' cumulative idle seconds at the last record
+        self.loop_seconds = 0.0
 
     # ------------------------------------------------------------------ the loop
 
@@ -71,7 +73,6 @@ class Coordinator:
         self.evaluate(step=0)
         self.rt.start_loops()
         progress = _progress(cfg.steps)
-        self.loop_seconds = 0.0
         for step in range(1, cfg.steps + 1):
             phases = Phases()
             with phases("admit"):
@@ -159,12 +160,22 @@ class Coordinator:
             "dropped_length_histogram": {str(k): v for k, v in sorted(self.intake.drops.length_hist.items())},
             "dropped_reward_histogram": {str(k): v for k, v in sorted(self.intake.drops.reward_hist.items())},
             "queue": self.queue_depths(),
+            "generator_idle_s": self.generator_idle(),
+            "learner_idle_s": round(phases.get("collect", 0.0), 4),
             "phase_s": {k: round(v, 4) for k, v in phases.items()},
             "step_s": round(sum(phases.values()), 4),
             **metrics,
         }
         self.rundir.log_step(record)
         return record
+
+    def generator_idle(self) -> float:
+        """Seconds the generators spent waiting (for tasks or weights) since the previous step."""
+        import ray
+
+        total = sum(s["idle_s"] for s in ray.get([g.stats.remote() for g in self.rt.generators]))
+        delta, self._gen_idle = total - self._gen_idle, total
+        return round(delta, 4)
 
     def queue_depths(self) -> dict[str, int]:
         """Backlog and in-flight entries per stream (for the async-health view)."""

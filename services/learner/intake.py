@@ -84,7 +84,11 @@ class GroupIntake:
         log = logger.error if reason in ("unknown_version", "hash_mismatch") else logger.warning
         log(
             "dropped group %s: %s (behaviour v%d sha %s, learner v%d)",
-            group.group_id, reason, group.behavior_version, group.behavior_sha256[:12], learner_version,
+            group.group_id,
+            reason,
+            group.behavior_version,
+            group.behavior_sha256[:12],
+            learner_version,
         )
 
     def mark_trained(self, groups: list[ResponseGroup]) -> None:

@@ -20,6 +20,14 @@ class VerifierActor:
         from services.common.queue import StreamQueue
         from services.verifier.worker import VerifierWorker
 
+        if cfg.data.task != "countdown":  # only code / math runs need the sandbox and the math pool
+            from services.verifier.rules import configure_rules
+            from services.verifier.sandbox.probe import select_sandbox
+
+            sandbox, _ = select_sandbox(
+                cfg.verifier.sandbox, fallback=cfg.verifier.sandbox_fallback, python=cfg.verifier.python
+            )
+            configure_rules(cfg.verifier, sandbox)
         queue = StreamQueue(redis_url, cfg.coordinator.run_name, block_ms=cfg.queue.block_ms)
         queue.ensure_groups()
         self.worker = VerifierWorker(queue, consumer=f"verifier-{index}")
