@@ -50,11 +50,11 @@ class DataConfig(_Section):
     """Seed of the problem generator and of the dataset shuffle."""
     train_size: int = Field(4096, ge=1, le=10_000_000)
     """Number of generated training problems (ignored with ``train_path``)."""
-    min_nums: int = Field(3, ge=2, le=6)
+    min_nums: int = Field(2, ge=2, le=6)
     """Fewest numbers per generated problem."""
     max_nums: int = Field(4, ge=2, le=6)
     """Most numbers per generated problem."""
-    max_num: int = Field(20, ge=1, le=1000)
+    max_num: int = Field(50, ge=1, le=1000)
     """Generated numbers are drawn from 1..max_num."""
     max_target: int = Field(100, ge=1, le=100_000)
     """Generated targets lie in 1..max_target."""

@@ -130,7 +130,8 @@ def test_build_is_complete_and_reused(model_dir: Path) -> None:
     assert build_tiny() == model_dir
     assert time.perf_counter() - started < 5, "a complete build was not reused"
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == weights_mtime
-    assert not [p for p in model_dir.parent.iterdir() if ".tmp-" in p.name], "temp build folder left over"
+    leftovers = [p for p in model_dir.parent.iterdir() if p.name.startswith(f".{model_dir.name}.tmp-")]
+    assert not leftovers, f"temp build folders left over: {leftovers}"
 
 
 @pytest.mark.slow
