@@ -162,8 +162,9 @@ class LearnerConfig(_Section):
     """Optimizer updates per rollout batch (mini-batches per batch)."""
     micro_batch_groups: int = Field(4, ge=1, le=4096)
     """Groups per forward/backward micro-batch on one rank (memory knob, not a maths knob)."""
-    zero_stage: int = Field(0, ge=0, le=3)
-    """DeepSpeed ZeRO stage."""
+    zero_stage: int = Field(0, ge=0, le=2)
+    """DeepSpeed ZeRO stage, 0-2. Stage 3 runs on CPU/gloo but its updates differed from stage 0 by ~2e-3
+    in tests, so it is refused until that is found and fixed."""
     world_size: int = Field(1, ge=1, le=4096)
     """Learner ranks (Ray actors, one DeepSpeed process each)."""
     logprob_chunk_tokens: int = Field(1024, ge=16)

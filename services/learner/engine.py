@@ -102,18 +102,16 @@ class LearnerEngine:
             is_cap=cfg.is_cap,
             pg_aggregation=cfg.pg_aggregation,
         )
-        if cfg.zero_stage == 3:
-            with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, dtype)):
-                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[dtype])
-        else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[dtype])
+        ds_config = deepspeed_config(cfg, dtype)
+        # ZeRO-3 partitions the parameters in deepspeed.initialize. Loading inside zero.Init instead
+        # (what a model too big for one host's RAM needs) goes through transformers' HfDeepSpeedConfig,
+        # which requires `accelerate`; not needed at the sizes this runs on CPU.
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[dtype])
         model.config.use_cache = False
         self.pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
         # A torch optimizer (not DeepSpeed's fused/CPU Adam) avoids JIT-building C++ ops at start-up.
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, dtype)
-        )
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     @property
     def module(self) -> torch.nn.Module:

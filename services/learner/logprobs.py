@@ -9,27 +9,25 @@ fp32 logits is alive at a time in the forward *and* in the backward (it is recom
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
 def _chunk_logp(
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    temperature: float,
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float
 ) -> torch.Tensor:
-    """log p(target) for ``(M, H)`` hidden rows: fp32 log-softmax of one chunk of logits."""
-    logits = F.linear(hidden, weight, bias).float()  # (M, V) fp32: the only full-vocab tensor
+    """log p(target) for ``(M, H)`` hidden rows: fp32 log-softmax of one chunk of logits.
+
+    The head is called as a module (not ``F.linear`` on its weight) so that ZeRO-3's hooks gather its
+    partitioned weight for the call, and again when checkpointing recomputes it in the backward.
+    """
+    logits = head(hidden).float()  # (M, V) fp32: the only full-vocab tensor
     if temperature != 1.0:
         logits = logits / temperature
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _chunk_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float):
-    logits = F.linear(hidden, weight, bias).float() / temperature
-    logp = torch.log_softmax(logits, dim=-1)
+def _chunk_entropy(hidden: torch.Tensor, head: torch.nn.Module, temperature: float) -> torch.Tensor:
+    logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
@@ -61,17 +59,16 @@ def response_logprobs(
     rows = torch.arange(n, device=input_ids.device).unsqueeze(1).expand(n, t)
     flat_h = hidden[rows[mask], prev[mask]]  # (M, H) response rows only
     flat_y = input_ids[rows[mask], positions[mask]]  # (M,)
-    weight, bias = head.weight, getattr(head, "bias", None)
     pieces, entropies = [], []
     for start in range(0, flat_h.shape[0], chunk_tokens):
         h, y = flat_h[start : start + chunk_tokens], flat_y[start : start + chunk_tokens]
         if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_logp, h, y, weight, bias, temperature, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logp, h, y, head, temperature, use_reentrant=False))
         else:
-            pieces.append(_chunk_logp(h, y, weight, bias, temperature))
+            pieces.append(_chunk_logp(h, y, head, temperature))
         if with_entropy:
             with torch.no_grad():
-                entropies.append(_chunk_entropy(h, weight, bias, temperature))
+                entropies.append(_chunk_entropy(h, head, temperature))
     out = hidden.new_zeros((n, t), dtype=torch.float32)
     flat = torch.cat(pieces) if pieces else hidden.new_zeros((0,), dtype=torch.float32)
     out = out.masked_scatter(mask, flat)

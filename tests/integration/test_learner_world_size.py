@@ -47,7 +47,7 @@ def _train_and_fetch(cfg, model_dir: str, redis_url: str, groups) -> dict[str, t
     return transport.fetch(snapshot)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+@pytest.mark.parametrize("zero_stage", [0, 2])
 def test_world_size_two_matches_one(tiny_model_dir: str, redis_factory, ray_local, zero_stage: int) -> None:
     # 7 groups: uneven shards (4 + 3 per mini-batch split), micro-batches of 2 -> gradient accumulation.
     groups = _groups(7, 4, seed=zero_stage)
