@@ -58,6 +58,21 @@ def init_ray(cfg: RunConfig) -> bool:
     return True
 
 
+def _wait_ready(actors: list[Any], timeout_s: float) -> None:
+    """Wait for the actors' constructors; a clear error instead of a silent hang when the cluster cannot
+    place them (not enough CPUs/GPUs for ``cluster.*`` resources)."""
+    import ray
+
+    refs = [a.ready.remote() for a in actors]
+    done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        raise RuntimeError(
+            f"{len(pending)} of {len(refs)} generator/verifier actors did not start within {timeout_s:.0f}s; "
+            f"the cluster may lack the resources of cluster.* (available: {ray.available_resources()})"
+        )
+    ray.get(done)
+
+
 @dataclass
 class Runtime:
     """Handles to everything a run started; ``stop()`` ends exactly those."""
@@ -73,8 +88,6 @@ class Runtime:
 
     @classmethod
     def start(cls, cfg: RunConfig) -> Runtime:
-        import ray
-
         from services.common.redis_server import connect
         from services.generator.actor import GeneratorActor
         from services.learner.group import LearnerGroup
@@ -98,7 +111,7 @@ class Runtime:
                 VerifierActor.options(num_cpus=c.verifier.num_cpus).remote(cfg, redis_url, i)
                 for i in range(cfg.verifier.num_workers)
             ]
-            ray.get([a.ready.remote() for a in rt.generators + rt.verifiers])
+            _wait_ready(rt.generators + rt.verifiers, timeout_s=600.0)
         except BaseException:
             rt.stop()
             raise

@@ -56,14 +56,15 @@ def redis_server_aof(redis_factory: Callable[..., EmbeddedRedis]) -> EmbeddedRed
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """A local Ray instance for the session (2 CPUs, no dashboard); reused if one is already up."""
+    """A local Ray instance for the session (8 logical CPUs, no dashboard); reused if one is already up."""
     import ray
 
     started = not ray.is_initialized()
     if started:
         # Workers import the project's packages: put the repo on their path as the coordinator does.
         env = {"PYTHONPATH": str(REPO_ROOT), "LPO_CACHE_DIR": str(project_cache_dir())}
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+        # Logical CPUs: whole runs (learner + generator + verifier actors) share this instance.
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     yield
     if started:
         ray.shutdown()
