@@ -58,6 +58,9 @@ class DataConfig(_Section):
     """Generated numbers are drawn from 1..max_num."""
     max_target: int = Field(100, ge=1, le=100_000)
     """Generated targets lie in 1..max_target."""
+    exclude_sft_problems: bool = True
+    """With ``model.path: tiny:countdown``, drop the problems the tiny model was fine-tuned on from the RL
+    set, so RL trains on unseen problems from the held-out distribution (not on memorised ones)."""
 
     @model_validator(mode="after")
     def _nums_range(self) -> DataConfig:

@@ -49,14 +49,15 @@ class Coordinator:
 
         from services.common.queue import StreamQueue
         from services.common.tiny import heldout_problems
-        from services.coordinator.tasks import TaskSource, training_problems
+        from services.coordinator.tasks import TaskSource, rl_exclusions, training_problems
 
         self.cfg, self.rt, self.rundir = cfg, rt, rundir
         self.queue = StreamQueue(rt.redis_url, cfg.coordinator.run_name, block_ms=cfg.queue.block_ms)
         self.queue.ensure_groups()
         self.heldout = heldout_problems(cfg.coordinator.eval_problems)
         tokenizer = AutoTokenizer.from_pretrained(rt.model_dir)
-        self.tasks = TaskSource(cfg, training_problems(cfg, exclude=self.heldout), tokenizer)
+        problems = training_problems(cfg, exclude=rl_exclusions(cfg, self.heldout))
+        self.tasks = TaskSource(cfg, problems, tokenizer)
         self.version = 0
         self.intake = GroupIntake(cfg.coordinator.max_policy_lag)
         self.buffer: list[QueueEntry] = []  # read, admissible, not yet trained (oldest first)

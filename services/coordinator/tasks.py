@@ -42,6 +42,17 @@ def training_problems(cfg: RunConfig, exclude: Sequence[CountdownProblem] = ()) 
     return kept
 
 
+def rl_exclusions(cfg: RunConfig, heldout: Sequence[CountdownProblem]) -> list[CountdownProblem]:
+    """Problems the RL set must not contain: the held-out ones, and (``data.exclude_sft_problems``) the
+    shipped tiny model's fine-tuning problems, which it has memorised and would only teach it to repeat."""
+    out = list(heldout)
+    if cfg.data.exclude_sft_problems and cfg.model.path == "tiny:countdown":
+        from services.common.tiny import TinySpec, train_problems
+
+        out += train_problems(TinySpec())
+    return out
+
+
 class TaskSource:
     """Deterministic stream of tasks: task ``i`` is the same on every run with the same config.
 

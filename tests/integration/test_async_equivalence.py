@@ -15,7 +15,7 @@ from services.common.messages import ResponseGroup, decode, encode
 from services.common.tiny import heldout_problems
 from services.coordinator.driver import run
 from services.coordinator.runtime import Runtime
-from services.coordinator.tasks import TaskSource, training_problems
+from services.coordinator.tasks import TaskSource, rl_exclusions, training_problems
 from services.verifier.scoring import score_group
 
 pytestmark = pytest.mark.slow
@@ -46,7 +46,7 @@ def _synchronous_reference(cfg) -> tuple[str, list[dict]]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(rt.model_dir)
         held = heldout_problems(cfg.coordinator.eval_problems)
-        source = TaskSource(cfg, training_problems(cfg, exclude=held), tokenizer)
+        source = TaskSource(cfg, training_problems(cfg, exclude=rl_exclusions(cfg, held)), tokenizer)
         c = cfg.coordinator
         gen = rt.generators[0]
         snapshot = rt.learner.publish()
