@@ -62,6 +62,10 @@ class WeightTransport(Protocol):
         """The tensors of an announced snapshot, checksum verified."""
         ...
 
+    def fetch_payload(self, snapshot: WeightSnapshot) -> bytes | bytearray | memoryview | np.ndarray:
+        """The verified payload bytes of an announced snapshot (layout: ``snapshot.manifest``)."""
+        ...
+
     def latest(self) -> WeightSnapshot | None:
         """The most recent announcement, None before the first publish."""
         ...
@@ -288,6 +292,10 @@ class RedisWeightTransport:
 
     def fetch(self, snapshot: WeightSnapshot) -> dict[str, torch.Tensor]:
         """Reassemble the chunks under ``snapshot.location``, verify, unpack."""
+        return unpack(self.fetch_payload(snapshot), snapshot.manifest)
+
+    def fetch_payload(self, snapshot: WeightSnapshot) -> bytearray:
+        """The chunks under ``snapshot.location`` joined into one buffer, size and sha256 verified."""
         _check_transport(snapshot, self.name)
         version = str(snapshot.version)
         n_chunks = self._conn.call(
@@ -311,7 +319,7 @@ class RedisWeightTransport:
             view[offset : offset + len(chunk)] = chunk
             offset += len(chunk)
         verify(snapshot, view[:offset])
-        return unpack(payload, snapshot.manifest)
+        return payload
 
     def _missing(self, snapshot: WeightSnapshot) -> SnapshotMissingError:
         return SnapshotMissingError(
@@ -441,6 +449,10 @@ class ObjectStoreWeightTransport:
 
     def fetch(self, snapshot: WeightSnapshot) -> dict[str, torch.Tensor]:
         """Ask the registry for the ref, ``ray.get`` it (zero-copy on the same node), verify, unpack."""
+        return unpack(self.fetch_payload(snapshot), snapshot.manifest)
+
+    def fetch_payload(self, snapshot: WeightSnapshot) -> np.ndarray:
+        """The payload object (read-only, zero-copy on the same node), size and sha256 verified."""
         import ray
 
         _check_transport(snapshot, self.name)
@@ -459,7 +471,7 @@ class ObjectStoreWeightTransport:
                 f"snapshot v{snapshot.version}: payload lost ({exc}); fetch latest()"
             ) from exc
         verify(snapshot, payload)
-        return unpack(payload, snapshot.manifest)
+        return payload
 
     def latest(self) -> WeightSnapshot | None:
         return self._ann.latest()

@@ -116,6 +116,37 @@ def build_llm(
     return llm
 
 
+def sampling_params(n: int, temperature: float, top_p: float, max_tokens: int, seed: int):
+    """vLLM ``SamplingParams`` for ``n`` samples that also return each sampled token's own log-prob."""
+    from vllm import SamplingParams
+
+    if n < 1 or max_tokens < 1:
+        raise ValueError(f"n and max_tokens must be >= 1, got n={n} max_tokens={max_tokens}")
+    return SamplingParams(
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        seed=seed,
+        logprobs=0,  # 0 = only the sampled token's log-prob: the behaviour policy
+    )
+
+
+def completions(out) -> list[tuple[list[int], list[float], str, str]]:
+    """``(token_ids, sampled-token log-probs, text, finish_reason)`` of each child of a ``RequestOutput``,
+    in child order. Log-probs are clamped to <= 0 (fp rounding can give +1e-7)."""
+    result = []
+    for comp in sorted(out.outputs, key=lambda c: c.index):
+        if comp.logprobs is None:
+            raise RuntimeError("vLLM returned no logprobs although SamplingParams.logprobs=0 was set")
+        lps = [
+            min(float(step[tok].logprob), 0.0)
+            for tok, step in zip(comp.token_ids, comp.logprobs, strict=True)
+        ]
+        result.append((list(comp.token_ids), lps, comp.text, str(comp.finish_reason)))
+    return result
+
+
 def sample(
     llm: LLM,
     prompts: Sequence[str],
@@ -130,39 +161,18 @@ def sample(
     Deterministic in ``seed`` for a fixed engine: prompt ``i`` samples with seed ``seed + i * n`` and vLLM
     gives its ``j``-th child ``seed + i * n + j``, so no two samples share a random stream.
     """
-    from vllm import SamplingParams
-
-    if n < 1 or max_tokens < 1:
-        raise ValueError(f"n and max_tokens must be >= 1, got n={n} max_tokens={max_tokens}")
-    params = [
-        SamplingParams(
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_tokens,
-            seed=seed + i * n,
-            logprobs=0,  # 0 = only the sampled token's log-prob
-        )
-        for i in range(len(prompts))
-    ]
+    params = [sampling_params(n, temperature, top_p, max_tokens, seed + i * n) for i in range(len(prompts))]
     outputs = llm.generate(list(prompts), params, use_tqdm=False)
-    result = []
-    for out in outputs:
-        group = []
-        for comp in sorted(out.outputs, key=lambda c: c.index):
-            if comp.logprobs is None:
-                raise RuntimeError("vLLM returned no logprobs although SamplingParams.logprobs=0 was set")
-            lps = tuple(
-                float(step[tok].logprob) for tok, step in zip(comp.token_ids, comp.logprobs, strict=True)
+    return [
+        [
+            SampledResponse(
+                prompt_token_ids=tuple(out.prompt_token_ids),
+                token_ids=tuple(tokens),
+                logprobs=tuple(lps),
+                text=text,
+                finish_reason=finish,
             )
-            group.append(
-                SampledResponse(
-                    prompt_token_ids=tuple(out.prompt_token_ids),
-                    token_ids=tuple(comp.token_ids),
-                    logprobs=lps,
-                    text=comp.text,
-                    finish_reason=str(comp.finish_reason),
-                )
-            )
-        result.append(group)
-    return result
+            for tokens, lps, text, finish in completions(out)
+        ]
+        for out in outputs
+    ]

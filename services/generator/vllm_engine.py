@@ -13,7 +13,7 @@ from pathlib import Path
 from services.common.config import GeneratorConfig, ModelConfig
 from services.common.messages import Rollout, RolloutTask, TensorEntry
 from services.generator.rpc import WORKER_EXTENSION, EngineRpc
-from services.generator.vllm_backend import build_llm
+from services.generator.vllm_backend import build_llm, completions, sampling_params
 
 logger = logging.getLogger(__name__)
 
@@ -105,41 +105,27 @@ class VllmRolloutEngine:
 
     def generate(self, tasks: Sequence[RolloutTask]) -> list[list[Rollout]]:
         """``task.group_size`` samples per task, all with the weights currently loaded."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=t.prompt_token_ids.tolist()) for t in tasks]
         params = [
-            SamplingParams(
-                n=t.group_size,
-                temperature=t.sampling.temperature,
-                top_p=t.sampling.top_p,
-                max_tokens=t.sampling.max_tokens,
-                seed=task_seed(self.seed if t.sampling.seed is None else t.sampling.seed, t.task_id),
-                logprobs=0,  # the sampled token's own log-prob: the behaviour policy
+            sampling_params(
+                t.group_size,
+                t.sampling.temperature,
+                t.sampling.top_p,
+                t.sampling.max_tokens,
+                task_seed(self.seed if t.sampling.seed is None else t.sampling.seed, t.task_id),
             )
             for t in tasks
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        groups = []
-        for out in outputs:
-            rollouts = []
-            for comp in sorted(out.outputs, key=lambda c: c.index):
-                if comp.logprobs is None:
-                    raise RuntimeError("vLLM returned no logprobs although logprobs=0 was requested")
-                logprobs = [
-                    step[tok].logprob for tok, step in zip(comp.token_ids, comp.logprobs, strict=True)
-                ]
-                rollouts.append(
-                    Rollout(
-                        token_ids=list(comp.token_ids),
-                        logprobs=[min(lp, 0.0) for lp in logprobs],  # fp rounding can give +1e-7
-                        finish_reason=_FINISH.get(str(comp.finish_reason), "abort"),
-                        text=comp.text,
-                    )
-                )
-            groups.append(rollouts)
-        return groups
+        return [
+            [
+                Rollout(token_ids=tokens, logprobs=lps, finish_reason=_FINISH.get(finish, "abort"), text=text)
+                for tokens, lps, text, finish in completions(out)
+            ]
+            for out in outputs
+        ]
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Log-prob of every token after the first of each fixed token sequence (vLLM prompt log-probs):

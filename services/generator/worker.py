@@ -15,7 +15,7 @@ from pathlib import Path
 
 from services.common.messages import ResponseGroup, RolloutTask, WeightSnapshot
 from services.common.queue import StreamQueue
-from services.common.weights import WeightTransport, pack
+from services.common.weights import WeightTransport
 from services.generator.interface import RolloutEngine
 
 logger = logging.getLogger(__name__)
@@ -68,12 +68,11 @@ class Generator:
         if latest is None or latest.version <= self.version:
             return False
         started = time.monotonic()
-        tensors = self.transport.fetch(latest)  # sha256-verified
-        payload, manifest = pack(tensors)
+        payload = self.transport.fetch_payload(latest)  # size and sha256 verified
         path = _payload_dir() / f"lpo-{self.consumer}-{os.getpid()}-v{latest.version}.bin"
         try:
-            path.write_bytes(payload)
-            self.engine.load_weights(path, manifest)
+            path.write_bytes(memoryview(payload))
+            self.engine.load_weights(path, latest.manifest)
         finally:
             path.unlink(missing_ok=True)
         self.snapshot = latest

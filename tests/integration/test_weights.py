@@ -92,6 +92,9 @@ def test_redis_round_trip_chunks_and_announcement(redis_server: EmbeddedRedis) -
     # A generator's transport (another client) fetches by the announcement alone.
     reader = RedisWeightTransport(redis_server.url, RUN)
     _assert_exact(reader.fetch(reader.latest()), state)
+    # The raw payload (what a generator writes for its engine) is the packed state, manifest included.
+    packed, manifest = pack(state)
+    assert bytes(reader.fetch_payload(snapshot)) == bytes(packed) and manifest == snapshot.manifest
 
 
 def test_redis_corrupted_chunk_is_detected(redis_server: EmbeddedRedis) -> None:
@@ -149,6 +152,7 @@ def test_object_store_round_trip_gc_and_integrity(redis_server: EmbeddedRedis, r
     assert reader.latest() == snapshots[2] == latest_snapshot(redis_server.url, run)
     _assert_exact(reader.fetch(snapshots[2]), _state(2))
     _assert_exact(reader.fetch(snapshots[1]), _state(1))
+    assert bytes(reader.fetch_payload(snapshots[2])) == bytes(pack(_state(2))[0])
     with pytest.raises(SnapshotMissingError, match="snapshot v0 .* is no longer registered"):
         reader.fetch(snapshots[0])
 

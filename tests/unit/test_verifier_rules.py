@@ -22,7 +22,8 @@ from services.verifier.rules.code import (
     verdict_from_run,
 )
 from services.verifier.rules.exact import MATCH_TIMEOUT_S, exact_rule, regex_rule
-from services.verifier.rules.math import MathVerdict, math_rule
+from services.verifier.rules.math import math_rule
+from services.verifier.rules.verdict import BinaryVerdict
 from services.verifier.sandbox.interface import ExecRequest, ExecResult, Limits
 
 NONCE = "n0nce"
@@ -89,7 +90,7 @@ def test_math_rule_without_boxed_is_a_parse_error_decided_without_a_worker() -> 
     with pytest.raises(ValueError, match="non-empty 'answer'"):
         math_rule("\\boxed{4}", {"answer": ""})
     with pytest.raises(ValueError, match="cannot carry reward"):
-        MathVerdict(1.0, "fail", "")
+        BinaryVerdict(1.0, "fail", "")
 
 
 # --- code: program extraction --------------------------------------------------------------------

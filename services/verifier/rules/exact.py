@@ -15,34 +15,15 @@ stripped before comparing.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import regex
 
 from services.verifier.rules.countdown import extract_answer
+from services.verifier.rules.verdict import BinaryVerdict
 
-STATUSES = ("pass", "fail", "timeout", "parse_error")
 MAX_PATTERN_CHARS = 4096
 MATCH_TIMEOUT_S = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class MatchVerdict:
-    """An exact/regex item's verdict: 1.0 for ``pass``, 0.0 otherwise."""
-
-    reward: float
-    status: str
-    detail: str
-    tests_passed: int = 0
-    tests_total: int = 1
-    isolation: str = "in_process"
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
-        if self.reward != (1.0 if self.status == "pass" else 0.0):
-            raise ValueError(f"status {self.status!r} cannot carry reward {self.reward}")
 
 
 def _answer_text(response: str, reference: Mapping[str, Any]) -> str | None:
@@ -53,18 +34,18 @@ def _answer_text(response: str, reference: Mapping[str, Any]) -> str | None:
     return None if text is None else " ".join(text.split())
 
 
-def _verdict(ok: bool, detail: str) -> MatchVerdict:
-    return MatchVerdict(1.0 if ok else 0.0, "pass" if ok else "fail", detail, int(ok))
+def _verdict(ok: bool, detail: str) -> BinaryVerdict:
+    return BinaryVerdict.of(ok, detail)
 
 
-def exact_rule(response: str, reference: Mapping[str, Any]) -> MatchVerdict:
+def exact_rule(response: str, reference: Mapping[str, Any]) -> BinaryVerdict:
     """Registry entry ``exact``: normalised string equality with the reference ``answer``."""
     answer = reference.get("answer")
     if not isinstance(answer, str):
         raise ValueError(f"exact reference needs a string 'answer', got {answer!r}")
     text = _answer_text(response, reference)
     if text is None:
-        return MatchVerdict(0.0, "parse_error", "no <answer>...</answer> pair in the response")
+        return BinaryVerdict.error("parse_error", "no <answer>...</answer> pair in the response")
     want = " ".join(answer.split())
     if not reference.get("case_sensitive", True):
         text, want = text.casefold(), want.casefold()
@@ -81,7 +62,7 @@ def compile_pattern(pattern: Any, ignore_case: bool = False) -> regex.Pattern[st
         raise ValueError(f"regex reference 'pattern' does not compile: {exc}") from None
 
 
-def regex_rule(response: str, reference: Mapping[str, Any]) -> MatchVerdict:
+def regex_rule(response: str, reference: Mapping[str, Any]) -> BinaryVerdict:
     """Registry entry ``regex``: the answer text matches ``pattern`` (``fullmatch`` or ``search``)."""
     compiled = compile_pattern(reference.get("pattern"), bool(reference.get("ignore_case", False)))
     mode = reference.get("mode", "fullmatch")
@@ -89,10 +70,10 @@ def regex_rule(response: str, reference: Mapping[str, Any]) -> MatchVerdict:
         raise ValueError(f"regex reference 'mode' must be 'fullmatch' or 'search', got {mode!r}")
     text = _answer_text(response, reference)
     if text is None:
-        return MatchVerdict(0.0, "parse_error", "no <answer>...</answer> pair in the response")
+        return BinaryVerdict.error("parse_error", "no <answer>...</answer> pair in the response")
     match = compiled.fullmatch if mode == "fullmatch" else compiled.search
     try:
         found = match(text, timeout=MATCH_TIMEOUT_S) is not None
     except TimeoutError:
-        return MatchVerdict(0.0, "timeout", f"pattern matching exceeded {MATCH_TIMEOUT_S}s")
+        return BinaryVerdict.error("timeout", f"pattern matching exceeded {MATCH_TIMEOUT_S}s")
     return _verdict(found, f"pattern {mode} {'matched' if found else 'did not match'}")

@@ -15,32 +15,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from services.verifier.rules.verdict import BinaryVerdict
 from services.verifier.sandbox.pool import KillablePool, TaskTimeout, WorkerCrashed
 
-STATUSES = ("pass", "fail", "timeout", "parse_error", "sandbox_error")
 MAX_RESPONSE_CHARS = 200_000
 _KILL_GRACE_S = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class MathVerdict:
-    """A math item's verdict: reward 1.0 for ``pass``, 0.0 otherwise."""
-
-    reward: float
-    status: str
-    detail: str
-    tests_passed: int = 0
-    tests_total: int = 1
-    isolation: str = "process_pool"
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
-        if self.reward != (1.0 if self.status == "pass" else 0.0):
-            raise ValueError(f"status {self.status!r} cannot carry reward {self.reward}")
+_ISOLATION = "process_pool"
 
 
 def check_in_worker(response: str, gold: str, timeout_s: int) -> tuple[str, str]:
@@ -104,26 +86,32 @@ class MathScorer:
         if pool is not None:
             pool.close()
 
-    def __call__(self, response: str, reference: Mapping[str, Any]) -> MathVerdict:
+    def __call__(self, response: str, reference: Mapping[str, Any]) -> BinaryVerdict:
         gold = reference.get("answer")
         if not isinstance(gold, str | int | float) or isinstance(gold, bool) or str(gold).strip() == "":
             raise ValueError(f"math reference needs a non-empty 'answer' (string or number), got {gold!r}")
         if "\\boxed" not in response:
-            return MathVerdict(0.0, "parse_error", "no \\boxed{} answer in the response")
+            return BinaryVerdict.error("parse_error", "no \\boxed{} answer in the response", _ISOLATION)
         if len(response) > MAX_RESPONSE_CHARS:
-            return MathVerdict(0.0, "parse_error", f"response longer than {MAX_RESPONSE_CHARS} characters")
+            return BinaryVerdict.error(
+                "parse_error", f"response longer than {MAX_RESPONSE_CHARS} characters", _ISOLATION
+            )
         limit = max(1, int(self._timeout_s))
         try:
             status, detail = self.pool().call(
                 check_in_worker, (response, str(gold), limit), timeout_s=self._timeout_s + _KILL_GRACE_S
             )
         except TaskTimeout:
-            return MathVerdict(0.0, "timeout", f"math check killed after {self._timeout_s + _KILL_GRACE_S}s")
+            return BinaryVerdict.error(
+                "timeout", f"math check killed after {self._timeout_s + _KILL_GRACE_S}s", _ISOLATION
+            )
         except WorkerCrashed as exc:
-            return MathVerdict(0.0, "timeout", f"math worker died (memory limit?): {exc}")
+            return BinaryVerdict.error("timeout", f"math worker died (memory limit?): {exc}", _ISOLATION)
         if status == "bad_reference":
             raise ValueError(detail)
-        return MathVerdict(1.0 if status == "pass" else 0.0, status, detail, int(status == "pass"))
+        if status in ("pass", "fail"):
+            return BinaryVerdict.of(status == "pass", detail, _ISOLATION)
+        return BinaryVerdict.error(status, detail, _ISOLATION)
 
 
 math_rule = MathScorer()
