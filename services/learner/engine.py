@@ -73,6 +73,39 @@ def deepspeed_config(cfg: LearnerConfig, dtype: str) -> dict:
     }
 
 
+class ResponseLogprobModel(torch.nn.Module):
+    """The policy as DeepSpeed sees it: ``forward`` returns response-token log-probs (never full logits).
+
+    Every forward goes through ``DeepSpeedEngine.forward``, as DeepSpeed requires: ZeRO-2/3 do per-forward
+    bookkeeping there (ZeRO-3 advances its gradient-accumulation micro-step; called around it, a second
+    micro-batch *overwrote* the first one's gradients instead of adding to them).
+    """
+
+    def __init__(self, policy: torch.nn.Module, chunk_tokens: int, temperature: float) -> None:
+        super().__init__()
+        self.policy = policy
+        self.chunk_tokens, self.temperature = chunk_tokens, temperature
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return response_logprobs(
+            self.policy,
+            input_ids,
+            attention_mask,
+            positions,
+            mask,
+            chunk_tokens=self.chunk_tokens,
+            temperature=self.temperature,
+            with_entropy=with_entropy,
+        )
+
+
 class LearnerEngine:
     """The policy under training on one rank. Not a Ray actor: ``actor.py`` wraps it."""
 
@@ -110,27 +143,24 @@ class LearnerEngine:
         model.config.use_cache = False
         self.pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
         # A torch optimizer (not DeepSpeed's fused/CPU Adam) avoids JIT-building C++ ops at start-up.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps
+        )
+        wrapped = ResponseLogprobModel(model, cfg.logprob_chunk_tokens, sampling_temperature)
+        self.engine, *_ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=ds_config)
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.engine.module
+        """The HF policy (inside the DeepSpeed-wrapped :class:`ResponseLogprobModel`)."""
+        return self.engine.module.policy
 
     # ------------------------------------------------------------------ log-probs
 
     def logprobs(self, batch: PackedBatch, *, grad: bool, with_entropy: bool = False):
         """``(N, T)`` log-probs of the batch's response tokens under the current weights."""
         with torch.set_grad_enabled(grad):
-            return response_logprobs(
-                self.module,
-                batch.input_ids,
-                batch.attention_mask,
-                batch.positions,
-                batch.mask,
-                chunk_tokens=self.cfg.logprob_chunk_tokens,
-                temperature=self.temperature,
-                with_entropy=with_entropy,
+            return self.engine(
+                batch.input_ids, batch.attention_mask, batch.positions, batch.mask, with_entropy=with_entropy
             )
 
     # ------------------------------------------------------------------ the iteration
@@ -150,7 +180,7 @@ class LearnerEngine:
     def train_step(self, groups: Sequence[ResponseGroup]) -> dict[str, float]:
         """One rollout batch -> ``updates_per_batch`` optimizer updates -> version + 1."""
         t0 = time.perf_counter()
-        self.module.train()
+        self.engine.train()
         full = pack_groups(groups, self.pad_id)
         plan = self._shards(full.num_groups)
         proximal, sums = self._proximal_pass(full, [i for _, own in plan for i in own])
@@ -240,8 +270,10 @@ class LearnerEngine:
                     sums[key] = sums.get(key, 0.0) + value * len(ids)
                 sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach())
             else:  # keep collectives in step with the other ranks: a zero-weight dummy forward
-                pad = torch.full((1, 1), self.pad_id, dtype=torch.long)
-                loss = self.module(input_ids=pad).logits.sum() * 0.0
+                pad = torch.full((1, 2), self.pad_id, dtype=torch.long)
+                one = torch.ones((1, 1), dtype=torch.bool)
+                logp, _ = self.engine(pad, torch.ones_like(pad), one.long(), one)
+                loss = logp.sum() * 0.0
             # DeepSpeed averages gradients over ranks; the loss is normalised by global counts already.
             self.engine.backward(loss * self.info.world_size, scale_wrt_gas=False)
             norm = self._full_grad_norm() if m == n_micro - 1 and self.cfg.zero_stage == 0 else None
