@@ -12,10 +12,10 @@ import pytest
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-# Pass@1 gain (absolute) the short run must show: 40 steps gave +0.04 (0.299 -> 0.340 on 128
-# problems) in a calibration run; a no-op learner stays within eval noise (~0.01 on 256 x 8 samples)
-# and a sign-flipped objective moves Pass@1 down.
-MIN_GAIN = 0.02
+# Pass@1 gain (absolute) the short run must show. Calibration (128 held-out problems x 8, lr 1.5e-4-2e-4):
+# +0.072, +0.089, +0.089 at step 40 in three runs; a no-op learner stays within eval noise (~0.01 on
+# 256 x 8 samples) and a sign-flipped objective moves Pass@1 down (checked once, see the issue notes).
+MIN_GAIN = 0.04
 STEPS = 40
 
 
