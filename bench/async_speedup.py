@@ -22,7 +22,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lags", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
-    base = [f"coordinator.steps={args.steps}", "coordinator.eval_every=0", "coordinator.eval_problems=16"]
+    base = [
+        f"coordinator.steps={args.steps}",
+        "coordinator.eval_every=0",
+        "coordinator.eval_problems=16",
+        # one core each for the learner and the generator: the overlap the bound describes (the default
+        # sync config gives the learner both cores, which would oversubscribe them once phases overlap)
+        "cluster.learner.num_cpus=1",
+    ]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for lag in args.lags:

@@ -3,7 +3,9 @@ and pg, at max_policy_lag 0, 1, 2, several seeds each (tiny Countdown config, re
 
 Writes bench/results/offpolicy_learning.json (every run's eval curve and final figures, and the
 mean/std per setting) and offpolicy_learning.png (Pass@1 against samples consumed).
-Usage: python bench/offpolicy_learning.py [--steps N] [--seeds 0 1 2] [--lags 0 1 2]
+The JSON is rewritten after every run (``"complete": false`` until the last), and ``--resume`` skips
+the (setting, lag, seed) runs it already holds, so a long sweep can be continued after an interruption.
+Usage: python bench/offpolicy_learning.py [--steps N] [--seeds 0 1 2] [--lags 0 1 2] [--resume]
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import yaml
 from common import RESULTS, read_jsonl, run_coordinator, write_result
 
 SETTINGS = {
@@ -29,12 +32,23 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lags", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in the JSON")
     args = parser.parse_args()
-    runs = []
+    out = RESULTS / "offpolicy_learning.json"
+    runs: list[dict] = []
+    if args.resume and out.is_file():
+        previous = json.loads(out.read_text())
+        if previous["steps"] != args.steps:
+            raise SystemExit(f"--resume: {out} holds {previous['steps']}-step runs, not {args.steps}")
+        runs = previous["runs"]
+    done = {(r["setting"], r["max_policy_lag"], r["seed"]) for r in runs}
+    planned = len(args.lags) * len(SETTINGS) * len(args.seeds)
     with tempfile.TemporaryDirectory() as tmp:
-        for lag in args.lags:
-            for name, overrides in SETTINGS.items():
-                for seed in args.seeds:
+        for seed in args.seeds:  # seed-major: an interrupted sweep still covers every setting and lag
+            for lag in args.lags:
+                for name, overrides in SETTINGS.items():
+                    if (name, lag, seed) in done:
+                        continue
                     run_name = f"{name.replace('/', '-')}-lag{lag}-s{seed}"
                     run_dir = run_coordinator(
                         [
@@ -50,7 +64,10 @@ def main() -> None:
                     )
                     summary = json.loads((run_dir / "summary.json").read_text())
                     steps = read_jsonl(run_dir / "metrics.jsonl")
-                    per_step = steps[0]["groups"] * 8
+                    group_size = yaml.safe_load((run_dir / "config.yaml").read_text())["coordinator"][
+                        "group_size"
+                    ]
+                    per_step = steps[0]["groups"] * group_size
                     curve = [
                         {
                             "samples": e["step"] * per_step,
@@ -61,6 +78,7 @@ def main() -> None:
                     ]
                     runs.append(
                         {
+                            "wall_s": summary["wall_seconds"],
                             "setting": name,
                             "max_policy_lag": lag,
                             "seed": seed,
@@ -76,11 +94,18 @@ def main() -> None:
                         f"{summary['final_eval']['pass_at_1']:.3f}",
                         flush=True,
                     )
+                    _save(args.steps, runs, planned)
+    _save(args.steps, runs, planned)
     table = _table(runs)
-    write_result("offpolicy_learning", {"steps": args.steps, "runs": runs, "table": table})
-    _plot(runs, RESULTS / "offpolicy_learning.png")
     for row in table:
         print(row)
+
+
+def _save(steps: int, runs: list[dict], planned: int) -> None:
+    table = _table(runs)
+    complete = len(runs) >= planned
+    write_result("offpolicy_learning", {"steps": steps, "complete": complete, "runs": runs, "table": table})
+    _plot(runs, RESULTS / "offpolicy_learning.png")
 
 
 def _table(runs: list[dict]) -> list[dict]:
