@@ -28,8 +28,8 @@ SETTINGS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lags", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the JSON")
@@ -58,6 +58,7 @@ def main() -> None:
                             f"coordinator.max_policy_lag={lag}",
                             f"generator.seed={seed}",
                             f"learner.seed={seed}",
+                            "cluster.learner.num_cpus=1",  # one core each once generation overlaps training
                         ],
                         Path(tmp),
                         run_name,
