@@ -16,6 +16,8 @@ from pathlib import Path
 
 from services.common.paths import set_cache_env
 
+logger = logging.getLogger("lpo.tools")
+
 
 def _build_tiny(args: argparse.Namespace) -> int:
     from services.common.tiny import TinySpec, build_tiny, default_model_dir, heldout_problems, is_complete
@@ -24,7 +26,7 @@ def _build_tiny(args: argparse.Namespace) -> int:
     reused = not args.force and is_complete(args.out or default_model_dir(spec), spec)
     started = time.perf_counter()
     model_dir = build_tiny(args.out, spec, force=args.force)
-    print(f"tiny model: {model_dir} ({time.perf_counter() - started:.0f}s)")
+    logger.info("tiny model: %s (%.0fs)", model_dir, time.perf_counter() - started)
     if not args.eval:
         return 0
 
@@ -45,9 +47,12 @@ def _build_tiny(args: argparse.Namespace) -> int:
     )
     result |= {"temperature": args.temperature, "seed": args.eval_seed}
     (model_dir / "base_eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        f"base Pass@1 = {result['pass_at_1']:.4f} (Pass@{result['k']} = {result['pass_at_k']:.4f}, "
-        f"mean reward = {result['mean_reward']:.4f})"
+    logger.info(
+        "base Pass@1 = %.4f (Pass@%d = %.4f, mean reward = %.4f)",
+        result["pass_at_1"],
+        result["k"],
+        result["pass_at_k"],
+        result["mean_reward"],
     )
     return 0
 
