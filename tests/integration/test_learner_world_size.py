@@ -79,19 +79,12 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
-_STAGE0_WS1: dict[str, torch.Tensor] = {}
-
-
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_world_size_two_matches_one(tiny_model_dir: str, redis_factory, ray_local, zero_stage: int) -> None:
     results = {world: _run(tiny_model_dir, redis_factory, zero_stage, world) for world in (1, 2)}
     assert _max_diff(results[1], results[2]) < 1e-5
-    # every stage computes what stage 0 does
-    if zero_stage == 0:
-        _STAGE0_WS1.update(results[1])
-    elif not _STAGE0_WS1:  # this stage selected alone: compute the reference
-        _STAGE0_WS1.update(_run(tiny_model_dir, redis_factory, 0, 1))
-    assert _max_diff(results[1], _STAGE0_WS1) < 1e-5
+    if zero_stage:  # every stage computes what stage 0 does
+        assert _max_diff(results[1], _run(tiny_model_dir, redis_factory, 0, 1)) < 1e-5
     # and the step really moved the weights (equality of two no-ops would prove nothing)
     initial = load_file(str(next(Path(tiny_model_dir).glob("*.safetensors"))))
     moved = max((results[1][n] - initial[n]).abs().max().item() for n in results[1])
