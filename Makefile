@@ -21,12 +21,12 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup run test test-fast lint format lock build-tiny clean
+.PHONY: help setup run submit test test-fast lint format lock build-tiny clean
 
 help:
 	@echo "make run    - train the tiny Countdown model with LPO ($(CONFIG))"
 	@echo "make test   - lint + the whole test suite (unit, integration, e2e)"
-	@echo "others: setup, test-fast, lint, format, lock, build-tiny, clean"
+	@echo "others: submit (ray job submit to RAY_ADDRESS), setup, test-fast, lint, format, lock, build-tiny, clean"
 
 setup: $(STAMP)
 
@@ -43,6 +43,16 @@ $(STAMP): requirements/cpu.in requirements/cpu.lock
 
 run: setup
 	$(PY) -m services.coordinator --config $(CONFIG)
+
+# The coordinator as a Ray job on a running cluster: RAY_ADDRESS=http://<head>:8265 make submit [CONFIG=..]
+# [ARGS="--set a.b=c ..."] [SUBMIT_ID=name]. The working dir is uploaded (deploy/ray/runtime_env.yaml
+# says what is left out); the entrypoint runs with the head's `python`.
+ARGS ?=
+SUBMIT_ID ?=
+submit: setup
+	@test -n "$$RAY_ADDRESS" || { echo "make submit: set RAY_ADDRESS to the cluster's jobs API, e.g. RAY_ADDRESS=http://127.0.0.1:8265"; exit 2; }
+	$(VENV)/bin/ray job submit --working-dir . --runtime-env deploy/ray/runtime_env.yaml \
+	  $(if $(SUBMIT_ID),--submission-id $(SUBMIT_ID)) -- python -m services.coordinator --config $(CONFIG) $(ARGS)
 
 test: setup lint
 	$(PY) -m pytest

@@ -40,12 +40,18 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     """Where prompts come from."""
 
-    task: Literal["countdown"] = "countdown"
-    """Task kind; selects the dataset format and the verifier rule."""
+    task: Literal["countdown", "math"] = "countdown"
+    """Task kind; selects the dataset format and the verifier rule (``countdown`` or ``math``)."""
     train_path: str | None = None
-    """Countdown-Tasks file (JSONL or Parquet with ``nums``, ``target``); None generates problems."""
+    """Training problems, JSONL or Parquet, local or ``hf://datasets/<owner>/<name>/<file>``: Countdown-Tasks
+    rows (``nums``, ``target``) or MATH rows (``problem`` + ``answer`` or a ``solution`` with ``\\boxed``).
+    None generates Countdown problems (countdown only)."""
     eval_path: str | None = None
-    """Held-out problems file; None uses the tiny model's generated held-out set."""
+    """Held-out problems file (same formats; the first ``coordinator.eval_problems`` are used); None uses
+    the tiny model's generated held-out set (countdown only)."""
+    prompt_template: Literal["plain", "r1"] = "plain"
+    """``plain``: the short prompt (the tiny model's for Countdown); ``r1``: the R1-Zero conversation
+    prompt of the public base-model recipes (services/common/data/problems.py)."""
     seed: int = Field(1234, ge=0)
     """Seed of the problem generator and of the dataset shuffle."""
     train_size: int = Field(4096, ge=1, le=10_000_000)
@@ -66,6 +72,11 @@ class DataConfig(_Section):
     def _nums_range(self) -> DataConfig:
         if self.max_nums < self.min_nums:
             raise ValueError(f"max_nums ({self.max_nums}) must be >= min_nums ({self.min_nums})")
+        if self.task == "math" and (self.train_path is None or self.eval_path is None):
+            raise ValueError(
+                "task 'math' needs data.train_path and data.eval_path (MATH-style files or hf://datasets/... "
+                "paths); only Countdown problems can be generated"
+            )
         return self
 
 
@@ -261,8 +272,8 @@ class MetricsConfig(_Section):
 
     enabled: bool = True
     """Export metrics through ray.util.metrics (Prometheus via Ray's metrics agent)."""
-    log_every: int = Field(1, ge=1)
-    """Write a metrics.jsonl line every N learner steps."""
+    poll_s: float = Field(5.0, gt=0.0, le=3600.0)
+    """Seconds between the coordinator's readings of queue depths and generator liveness."""
 
 
 class ActorResources(_Section):
@@ -322,6 +333,14 @@ class RunConfig(_Section):
             raise ValueError(
                 f"coordinator.prompts_per_step ({self.coordinator.prompts_per_step}) must be >= "
                 f"learner.world_size ({self.learner.world_size}): groups are never split across ranks"
+            )
+        if self.model.path == "tiny:countdown" and (self.data.task, self.data.prompt_template) != (
+            "countdown",
+            "plain",
+        ):
+            raise ValueError(
+                "model.path 'tiny:countdown' only knows data.task 'countdown' with prompt_template 'plain'; "
+                f"got task {self.data.task!r}, prompt_template {self.data.prompt_template!r}"
             )
         return self
 

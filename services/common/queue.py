@@ -316,6 +316,16 @@ class StreamQueue:
         key, group = self.key(stream), self.group(stream)
         return int(self._call_grouped(f"XPENDING {key}", lambda: self._redis.xpending(key, group))["pending"])
 
+    def backlog(self, stream: str) -> int:
+        """Entries the stage has not acknowledged yet: delivered and pending, plus not yet delivered
+        (the group's ``lag``; Redis >= 7.0)."""
+        key, group = self.key(stream), self.group(stream)
+        groups = self._call_grouped(f"XINFO GROUPS {key}", lambda: self._redis.xinfo_groups(key))
+        info = next((g for g in groups if _str(g["name"]) == group), None)
+        if info is None:
+            raise QueueError(f"{key} has no consumer group {group!r}; call ensure_groups() first")
+        return int(info["pending"]) + int(info.get("lag") or 0)
+
     def oldest_pending_age_ms(self, stream: str) -> int:
         """Age (server clock, from its entry id) of the oldest unacknowledged entry; 0 when none."""
         key, group = self.key(stream), self.group(stream)

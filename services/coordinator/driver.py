@@ -17,10 +17,12 @@ from typing import Any
 from services.common.config import RunConfig
 from services.common.logs import setup_logging
 from services.common.messages import ResponseGroup
-from services.common.queue import QueueEntry
+from services.common.metrics import Metrics
+from services.common.queue import QueueEntry, StreamQueue
 from services.coordinator.admission import policy_lag, to_admit
 from services.coordinator.rundir import RunDir
 from services.coordinator.runtime import Runtime
+from services.coordinator.telemetry import Monitor, StepExporter
 from services.learner.intake import GroupIntake, entry_order, length_histogram
 
 logger = logging.getLogger(__name__)
@@ -47,18 +49,19 @@ class Coordinator:
     def __init__(self, cfg: RunConfig, rt: Runtime, rundir: RunDir) -> None:
         from transformers import AutoTokenizer
 
-        from services.common.queue import StreamQueue
-        from services.common.tiny import heldout_problems
-        from services.coordinator.tasks import TaskSource, rl_exclusions, training_problems
+        from services.coordinator.tasks import TaskSource, eval_problems, rl_exclusions, training_problems
 
         self.cfg, self.rt, self.rundir = cfg, rt, rundir
         self.queue = StreamQueue(rt.redis_url, cfg.coordinator.run_name, block_ms=cfg.queue.block_ms)
         self.queue.ensure_groups()
-        self.heldout = heldout_problems(cfg.coordinator.eval_problems)
+        self.heldout = eval_problems(cfg)
         tokenizer = AutoTokenizer.from_pretrained(rt.model_dir)
         problems = training_problems(cfg, exclude=rl_exclusions(cfg, self.heldout))
         self.tasks = TaskSource(cfg, problems, tokenizer)
         self.version = 0
+        self.published_bytes = 0  # of the latest snapshot
+        self.metrics = Metrics(cfg.coordinator.run_name, enabled=cfg.metrics.enabled)
+        self.exporter = StepExporter(self.metrics, cfg.coordinator.max_policy_lag)
         self.intake = GroupIntake(cfg.coordinator.max_policy_lag)
         self.buffer: list[QueueEntry] = []  # read, admissible, not yet trained (oldest first)
         self.evals: list[dict[str, Any]] = []
@@ -73,6 +76,17 @@ class Coordinator:
         self.publish()  # version 0 = the base weights, with its sha256
         self.evaluate(step=0)
         self.rt.start_loops()
+        monitor_queue = StreamQueue(self.rt.redis_url, cfg.run_name, block_ms=self.cfg.queue.block_ms)
+        monitor = Monitor(self.metrics, monitor_queue, self.rt.generators, self.cfg.metrics.poll_s).start()
+        try:
+            self._steps()
+        finally:
+            monitor.stop()
+        self.evaluate(step=cfg.steps)
+        return self.finish(time.perf_counter() - started)
+
+    def _steps(self) -> None:
+        cfg = self.cfg.coordinator
         progress = _progress(cfg.steps)
         for step in range(1, cfg.steps + 1):
             phases = Phases()
@@ -94,12 +108,10 @@ class Coordinator:
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 self.evaluate(step)
             progress(step, record, self.evals[-1]["pass_at_1"])
-        self.evaluate(step=cfg.steps)
-        return self.finish(time.perf_counter() - started)
 
     def publish(self) -> None:
         snapshot = self.rt.learner.publish()
-        self.version = snapshot.version
+        self.version, self.published_bytes = snapshot.version, snapshot.nbytes
         self.intake.record_snapshot(snapshot.version, snapshot.sha256)
 
     def admit(self) -> int:
@@ -168,6 +180,7 @@ class Coordinator:
             **metrics,
         }
         self.rundir.log_step(record)
+        self.exporter.step(record, lags, self.published_bytes)
         return record
 
     def generator_idle(self) -> float:
@@ -198,6 +211,7 @@ class Coordinator:
         )
         record = {"step": step, **result}
         self.rundir.log_eval(record)
+        self.exporter.evaluation(result)
         self.evals.append(record)
         logger.info(
             "eval step %d: Pass@1 %.3f Pass@%d %.3f", step, result["pass_at_1"], c.eval_k, result["pass_at_k"]

@@ -1,7 +1,7 @@
-"""Evaluation: the unbiased pass@k estimator and a Countdown evaluation over a vLLM engine.
+"""Evaluation: the unbiased pass@k estimator and a held-out evaluation over a vLLM engine.
 
-A sample *passes* when the Countdown scorer gives it the full reward (1.0); well-formed wrong answers
-(reward 0.1) count towards ``mean_reward`` but not towards pass@k.
+A sample *passes* when the task's verifier rule gives it the full reward (1.0); partial rewards (Countdown's
+0.1 for a well-formed wrong answer) count towards ``mean_reward`` but not towards pass@k.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from services.common.data.countdown import CountdownProblem, format_prompt
+from services.common.data.problems import Problem
 
 if TYPE_CHECKING:
     from vllm import LLM
 
 logger = logging.getLogger(__name__)
 
-# The scorer's reward for a correct answer; anything below is a miss for pass@k.
+# A rule's reward for a correct answer; anything below is a miss for pass@k.
 _PASS_REWARD = 1.0
 
 
@@ -38,9 +38,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - miss
 
 
-def evaluate_countdown(
+def evaluate_problems(
     llm: LLM,
-    problems: Sequence[CountdownProblem],
+    problems: Sequence[Problem],
+    task_kind: str,
     n_samples: int,
     temperature: float,
     k: int,
@@ -49,7 +50,7 @@ def evaluate_countdown(
     top_p: float = 1.0,
     max_tokens: int = 64,
 ) -> dict[str, float | int]:
-    """Sample ``n_samples`` responses per problem and score them with the Countdown rules.
+    """Sample ``n_samples`` responses per problem and score them with the ``task_kind`` verifier rule.
 
     Returns ``pass_at_1`` (expected pass@1: the mean over problems of c/n), ``pass_at_k`` (the mean of
     the unbiased estimator), ``k``, ``mean_reward`` (over all samples), ``n_problems`` and
@@ -57,20 +58,26 @@ def evaluate_countdown(
     """
     # Deferred: importing vLLM is slow and pass_at_k must stay importable without it.
     from services.generator.vllm_backend import sample
-    from services.verifier.rules.countdown import score_countdown
+    from services.verifier.rules import get_rule
 
     if not problems:
-        raise ValueError("evaluate_countdown needs at least one problem")
+        raise ValueError("evaluate_problems needs at least one problem")
     if not 1 <= k <= n_samples:
         raise ValueError(f"k must lie in 1..n_samples={n_samples}, got {k}")
+    rule = get_rule(task_kind)
     started = time.perf_counter()
-    prompts = [format_prompt(p.nums, p.target) for p in problems]
     groups = sample(
-        llm, prompts, n=n_samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed
+        llm,
+        [p.prompt for p in problems],
+        n=n_samples,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        seed=seed,
     )
     pass1, passk, rewards = [], [], []
     for problem, group in zip(problems, groups, strict=True):
-        verdicts = [score_countdown(r.text, problem.nums, problem.target) for r in group]
+        verdicts = [rule(r.text, problem.reference) for r in group]
         rewards.extend(v.reward for v in verdicts)
         c = sum(v.reward >= _PASS_REWARD for v in verdicts)
         pass1.append(c / n_samples)
@@ -83,5 +90,5 @@ def evaluate_countdown(
         "n_problems": len(problems),
         "n_samples": n_samples,
     }
-    logger.info("countdown eval in %.1fs: %s", time.perf_counter() - started, result)
+    logger.info("%s eval in %.1fs: %s", task_kind, time.perf_counter() - started, result)
     return result

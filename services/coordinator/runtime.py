@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -28,6 +29,16 @@ def resolve_model(path: str) -> str:
     return snapshot_download(repo_id=path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
 
 
+def _job_env_vars() -> set[str]:
+    """Names of the environment variables the submitted job's runtime env sets (none outside a job)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not raw:
+        return set()
+    return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+
+
 def init_ray(cfg: RunConfig) -> bool:
     """Join the cluster (``ray job submit`` / ``RAY_ADDRESS`` / ``cluster.address``) or start a local one.
     Returns whether this call started Ray (and so must shut it down)."""
@@ -39,6 +50,8 @@ def init_ray(cfg: RunConfig) -> bool:
     env.setdefault("LPO_CACHE_DIR", str(project_cache_dir()))
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
+        # Under `ray job submit` Ray merges this runtime env into the job's and refuses a variable both set.
+        env = {k: v for k, v in env.items() if k not in _job_env_vars()}
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return True
     c = cfg.cluster

@@ -1,33 +1,45 @@
-"""Where prompts come from: the training problems, tokenized into ``RolloutTask``s in a fixed order."""
+"""Where prompts come from: the training and held-out problems of the configured task, and the training
+problems tokenized into ``RolloutTask``s in a fixed order."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from services.common.config import RunConfig
-from services.common.data.countdown import (
-    CountdownProblem,
-    format_prompt,
-    generate_problems,
-    load_countdown_tasks,
-)
+from services.common.data.countdown import generate_problems, load_countdown_tasks
+from services.common.data.math import load_math_problems
+from services.common.data.problems import Problem, countdown_problem, math_problem
 from services.common.messages import RolloutTask, SamplingParams
 
 
-def _key(p: CountdownProblem) -> tuple[tuple[int, ...], int]:
-    return tuple(sorted(p.nums)), p.target
+def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
+    """Every problem of a dataset file (local or ``hf://datasets/...``) of the run's task."""
+    data = cfg.data
+    if data.task == "math":
+        return [math_problem(p, data.prompt_template) for p in load_math_problems(path)]
+    return [countdown_problem(p, data.prompt_template) for p in load_countdown_tasks(path)]
 
 
-def training_problems(cfg: RunConfig, exclude: Sequence[CountdownProblem] = ()) -> list[CountdownProblem]:
+def eval_problems(cfg: RunConfig) -> list[Problem]:
+    """The held-out evaluation problems: the first ``coordinator.eval_problems`` of ``data.eval_path``,
+    or (Countdown without a file) the tiny model's generated held-out set."""
+    n = cfg.coordinator.eval_problems
+    if cfg.data.eval_path:
+        return load_problems(cfg, cfg.data.eval_path)[:n]
+    from services.common.tiny import heldout_problems
+
+    return [countdown_problem(p) for p in heldout_problems(n)]
+
+
+def training_problems(cfg: RunConfig, exclude: Sequence[Problem] = ()) -> list[Problem]:
     """The run's training set, minus any problem of ``exclude`` (the held-out evaluation set)."""
     data = cfg.data
     if data.train_path:
-        problems = load_countdown_tasks(Path(data.train_path))
+        problems = load_problems(cfg, data.train_path)
     else:
-        problems = generate_problems(
+        generated = generate_problems(
             data.train_size,
             data.seed,
             min_nums=data.min_nums,
@@ -35,21 +47,22 @@ def training_problems(cfg: RunConfig, exclude: Sequence[CountdownProblem] = ()) 
             max_num=data.max_num,
             max_target=data.max_target,
         )
-    held = {_key(p) for p in exclude}
-    kept = [p for p in problems if _key(p) not in held]
+        problems = [countdown_problem(p, data.prompt_template) for p in generated]
+    held = {p.key for p in exclude}
+    kept = [p for p in problems if p.key not in held]
     if not kept:
         raise ValueError(f"no training problems left after removing {len(held)} held-out ones; check data.*")
     return kept
 
 
-def rl_exclusions(cfg: RunConfig, heldout: Sequence[CountdownProblem]) -> list[CountdownProblem]:
+def rl_exclusions(cfg: RunConfig, heldout: Sequence[Problem]) -> list[Problem]:
     """Problems the RL set must not contain: the held-out ones, and (``data.exclude_sft_problems``) the
     shipped tiny model's fine-tuning problems, which it has memorised and would only teach it to repeat."""
     out = list(heldout)
     if cfg.data.exclude_sft_problems and cfg.model.path == "tiny:countdown":
         from services.common.tiny import TinySpec, train_problems
 
-        out += train_problems(TinySpec())
+        out += [countdown_problem(p) for p in train_problems(TinySpec())]
     return out
 
 
@@ -60,13 +73,13 @@ class TaskSource:
     resumed coordinator restores.
     """
 
-    def __init__(self, cfg: RunConfig, problems: Sequence[CountdownProblem], tokenizer: Any) -> None:
+    def __init__(self, cfg: RunConfig, problems: Sequence[Problem], tokenizer: Any) -> None:
         self.cfg, self.problems, self.tokenizer = cfg, list(problems), tokenizer
         self.position = 0
         self._order: list[int] = []
         self._epoch = -1
 
-    def _problem(self, i: int) -> CountdownProblem:
+    def _problem(self, i: int) -> Problem:
         epoch, j = divmod(i, len(self.problems))
         if epoch != self._epoch:
             self._order = list(range(len(self.problems)))
@@ -78,14 +91,13 @@ class TaskSource:
         i = self.position
         self.position += 1
         p = self._problem(i)
-        prompt = format_prompt(p.nums, p.target)
         gen = self.cfg.generator
         return RolloutTask(
             task_id=f"{self.cfg.coordinator.run_name}-t{i}",
-            prompt_token_ids=self.tokenizer(prompt)["input_ids"],
-            prompt_text=prompt,
+            prompt_token_ids=self.tokenizer(p.prompt)["input_ids"],
+            prompt_text=p.prompt,
             task_kind=self.cfg.data.task,
-            reference={"nums": list(p.nums), "target": p.target},
+            reference=p.reference,
             group_size=self.cfg.coordinator.group_size,
             sampling=SamplingParams(
                 temperature=gen.temperature, top_p=gen.top_p, max_tokens=gen.max_tokens, seed=gen.seed

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import ray
 
 from services.common.config import RunConfig
-from services.common.data.countdown import CountdownProblem
+from services.common.data.problems import Problem
 from services.common.logs import setup_logging
 from services.common.paths import set_cache_env
 
@@ -21,6 +21,7 @@ class GeneratorActor:
     def __init__(self, cfg: RunConfig, model_dir: str, redis_url: str, index: int) -> None:
         set_cache_env()
         setup_logging(f"generator-{index}")
+        from services.common.metrics import Metrics
         from services.common.queue import StreamQueue
         from services.common.weights import make_transport
         from services.generator.vllm_engine import VllmRolloutEngine
@@ -37,6 +38,7 @@ class GeneratorActor:
             make_transport(cfg.weights, redis_url, run),
             consumer=f"gen-{index}",
             batch_tasks=cfg.coordinator.prompts_per_step,
+            metrics=Metrics(run, enabled=cfg.metrics.enabled, generator=f"gen-{index}"),
         )
         self._stop = threading.Event()
         self._lock = threading.Lock()  # vLLM's LLM is not thread-safe: one batch or one eval at a time
@@ -67,15 +69,20 @@ class GeneratorActor:
             **dataclasses.asdict(self.gen.stats),
         }
 
-    def evaluate(
-        self, problems: Sequence[CountdownProblem], n: int, temperature: float, k: int, seed: int
-    ) -> dict:
+    def evaluate(self, problems: Sequence[Problem], n: int, temperature: float, k: int, seed: int) -> dict:
         """Pass@1 / Pass@k with the newest snapshot (loaded first)."""
-        from services.coordinator.evaluation import evaluate_countdown
+        from services.coordinator.evaluation import evaluate_problems
 
         with self._lock:
             self.gen.sync_weights()
-            result = evaluate_countdown(
-                self.engine.llm, problems, n, temperature, k, seed, max_tokens=self.cfg.generator.max_tokens
+            result = evaluate_problems(
+                self.engine.llm,
+                problems,
+                self.cfg.data.task,
+                n,
+                temperature,
+                k,
+                seed,
+                max_tokens=self.cfg.generator.max_tokens,
             )
         return {**result, "version": self.gen.version}

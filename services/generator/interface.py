@@ -12,6 +12,9 @@ from services.common.messages import Rollout, RolloutTask, TensorEntry
 class RolloutEngine(Protocol):
     """Samples with whatever weights it holds; the generator decides when to swap them."""
 
+    restarts: int
+    """Times the backend recreated its engine after a failed load (exported as a metric)."""
+
     def generate(self, tasks: Sequence[RolloutTask]) -> list[list[Rollout]]:
         """``task.group_size`` rollouts per task, each with per-token behaviour log-probs."""
         ...

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.messages import ResponseGroup, RolloutTask, WeightSnapshot
+from services.common.metrics import Metrics
 from services.common.queue import StreamQueue
 from services.common.weights import WeightTransport
 from services.generator.interface import RolloutEngine
@@ -37,6 +38,7 @@ class GeneratorStats:
     busy_s: float = 0.0
     idle_s: float = 0.0
     weight_loads: int = 0
+    weight_fetch_s: float = 0.0
     weight_load_s: float = 0.0
     started: float = field(default_factory=time.monotonic)
 
@@ -52,11 +54,14 @@ class Generator:
         *,
         consumer: str,
         batch_tasks: int = 16,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine, self.queue, self.transport = engine, queue, transport
         self.consumer, self.batch_tasks = consumer, batch_tasks
         self.snapshot: WeightSnapshot | None = None
         self.stats = GeneratorStats()
+        self.metrics = metrics or Metrics(queue.run, enabled=False, generator=consumer)
+        self.metrics.zero("lpo_generator_engine_restarts")
 
     @property
     def version(self) -> int:
@@ -69,18 +74,25 @@ class Generator:
             return False
         started = time.monotonic()
         payload = self.transport.fetch_payload(latest)  # size and sha256 verified
+        fetched = time.monotonic()
         path = _payload_dir() / f"lpo-{self.consumer}-{os.getpid()}-v{latest.version}.bin"
+        restarts = self.engine.restarts
         try:
             path.write_bytes(memoryview(payload))
             self.engine.load_weights(path, latest.manifest)
         finally:
             path.unlink(missing_ok=True)
+            self.metrics.inc("lpo_generator_engine_restarts", self.engine.restarts - restarts)
+        loaded = time.monotonic()
         self.snapshot = latest
         self.stats.weight_loads += 1
-        self.stats.weight_load_s += time.monotonic() - started
-        logger.info(
-            "%s loaded snapshot v%d in %.2fs", self.consumer, latest.version, time.monotonic() - started
-        )
+        self.stats.weight_fetch_s += fetched - started
+        self.stats.weight_load_s += loaded - fetched
+        self.metrics.observe("lpo_weights_fetch_seconds", fetched - started)
+        self.metrics.observe("lpo_weights_load_seconds", loaded - fetched)
+        self.metrics.inc("lpo_weights_fetched_bytes", len(payload))
+        self.metrics.set("lpo_generator_weights_version", latest.version)
+        logger.info("%s loaded snapshot v%d in %.2fs", self.consumer, latest.version, loaded - started)
         return True
 
     def wait_for_version(self, version: int, timeout_s: float = 600.0) -> None:
@@ -100,14 +112,18 @@ class Generator:
         entries = self.queue.read("tasks", self.consumer, count=self.batch_tasks, block_ms=block_ms)
         if not entries:
             self.sync_weights()
-            self.stats.idle_s += time.monotonic() - t0
+            self._idle(time.monotonic() - t0)
             return 0
         t1 = time.monotonic()
-        self.stats.idle_s += t1 - t0
+        self._idle(t1 - t0)
         groups = self.sample([e.message for e in entries])
         self.queue.forward("tasks", [e.entry_id for e in entries], "rollouts", groups)
         self.stats.busy_s += time.monotonic() - t1
         return len(groups)
+
+    def _idle(self, seconds: float) -> None:
+        self.stats.idle_s += seconds
+        self.metrics.inc("lpo_generator_idle_seconds", seconds)
 
     def sample(self, tasks: list[RolloutTask]) -> list[ResponseGroup]:
         """Sample every task with one snapshot: the newest one at this safe point, and at least the
@@ -127,7 +143,10 @@ class Generator:
             )
             for task, rollouts in zip(tasks, sampled, strict=True)
         ]
+        tokens = sum(r.token_ids.size for g in groups for r in g.rollouts)
         self.stats.groups += len(groups)
-        self.stats.tokens += sum(r.token_ids.size for g in groups for r in g.rollouts)
+        self.stats.tokens += tokens
         self.stats.batches += 1
+        self.metrics.inc("lpo_generator_groups", len(groups))
+        self.metrics.inc("lpo_generator_tokens", tokens)
         return groups

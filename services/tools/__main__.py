@@ -30,16 +30,18 @@ def _build_tiny(args: argparse.Namespace) -> int:
     if not args.eval:
         return 0
 
-    from services.coordinator.evaluation import evaluate_countdown
+    from services.common.data.problems import countdown_problem
+    from services.coordinator.evaluation import evaluate_problems
     from services.generator.vllm_backend import build_llm
 
     # In-process vLLM starts ~15 s faster, but after SFT ran in this process it samples ~3x slower
     # (torch/OMP state left by training); then the engine's own child processes are faster overall.
     llm = build_llm(model_dir, seed=args.eval_seed, in_process=reused)
-    problems = heldout_problems(args.problems, spec=spec)
-    result = evaluate_countdown(
+    problems = [countdown_problem(p) for p in heldout_problems(args.problems, spec=spec)]
+    result = evaluate_problems(
         llm,
         problems,
+        "countdown",
         n_samples=args.samples,
         temperature=args.temperature,
         k=args.samples,

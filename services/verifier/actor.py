@@ -17,6 +17,7 @@ class VerifierActor:
 
     def __init__(self, cfg: RunConfig, redis_url: str, index: int) -> None:
         setup_logging(f"verifier-{index}")
+        from services.common.metrics import Metrics
         from services.common.queue import StreamQueue
         from services.verifier.worker import VerifierWorker
 
@@ -30,7 +31,13 @@ class VerifierActor:
             configure_rules(cfg.verifier, sandbox)
         queue = StreamQueue(redis_url, cfg.coordinator.run_name, block_ms=cfg.queue.block_ms)
         queue.ensure_groups()
-        self.worker = VerifierWorker(queue, consumer=f"verifier-{index}")
+        run = cfg.coordinator.run_name
+        self.worker = VerifierWorker(
+            queue,
+            consumer=f"verifier-{index}",
+            task_kind=cfg.data.task,
+            metrics=Metrics(run, enabled=cfg.metrics.enabled),
+        )
         self.block_ms = min(cfg.queue.block_ms, 200)
         self._stop = threading.Event()
 

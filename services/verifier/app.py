@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import time
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -43,6 +44,7 @@ from services.common.config import VerifierConfig
 from services.verifier.api_models import (
     Health,
     ItemResult,
+    ItemStatus,
     RunCodeRequest,
     RunCodeResponse,
     RunResult,
@@ -175,6 +177,11 @@ class _Metrics:
             "lpo_verifier_requests_in_flight", "Requests admitted and not answered", registry=r
         )
         self.canary = Gauge("lpo_verifier_canary_ok", "1 when the latest sandbox canary passed", registry=r)
+        # Every (task, status) series exists from the start at 0, so rates and error ratios (the dashboard,
+        # the alert rules) have a series before the first failure rather than "no data".
+        for task in RULES:
+            for status in typing.get_args(ItemStatus):
+                self.items.labels(task, status)
 
 
 class ItemError(ValueError):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
+from services.common.metrics import Metrics
 from services.common.queue import StreamQueue
+from services.verifier.rules.verdict import STATUSES
 from services.verifier.scoring import score_group
 
 logger = logging.getLogger(__name__)
@@ -22,9 +25,21 @@ class VerifierStats:
 class VerifierWorker:
     """Reads ``:rollouts``, writes scored groups to ``:groups`` (ack after write, in one transaction)."""
 
-    def __init__(self, queue: StreamQueue, *, consumer: str, batch: int = 32) -> None:
+    def __init__(
+        self,
+        queue: StreamQueue,
+        *,
+        consumer: str,
+        batch: int = 32,
+        task_kind: str = "countdown",
+        metrics: Metrics | None = None,
+    ) -> None:
         self.queue, self.consumer, self.batch = queue, consumer, batch
         self.stats = VerifierStats()
+        self.metrics = metrics or Metrics(queue.run, enabled=False)
+        self.metrics.zero("lpo_verifier_rejected_groups")
+        for status in STATUSES:  # every verdict status has a series from the start
+            self.metrics.zero("lpo_verifier_outcomes", task=task_kind, status=status)
 
     def step(self, block_ms: int | None = None) -> int:
         entries = self.queue.read("rollouts", self.consumer, count=self.batch, block_ms=block_ms)
@@ -32,13 +47,21 @@ class VerifierWorker:
             return 0
         scored, done = [], []
         for entry in entries:
+            started = time.perf_counter()
             try:
-                scored.append(score_group(entry.message))
-                done.append(entry.entry_id)
+                group = score_group(entry.message)
             except ValueError as exc:  # bad task data (unknown kind, bad reference): never reward 0
                 logger.error("cannot score group %s: %s", entry.message.group_id, exc)
                 self.queue.reject("rollouts", entry, f"scoring failed: {exc}")
                 self.stats.rejected += 1
+                self.metrics.inc("lpo_verifier_rejected_groups")
+                continue
+            kind = group.task.task_kind
+            self.metrics.observe("lpo_verifier_group_seconds", time.perf_counter() - started, task=kind)
+            for status in group.verdicts or ():
+                self.metrics.inc("lpo_verifier_outcomes", task=kind, status=status)
+            scored.append(group)
+            done.append(entry.entry_id)
         self.queue.forward("rollouts", done, "groups", scored)
         self.stats.groups += len(scored)
         self.stats.responses += sum(len(g.rollouts) for g in scored)

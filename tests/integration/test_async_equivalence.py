@@ -12,10 +12,9 @@ from transformers import AutoTokenizer
 
 from services.common.config import build_config
 from services.common.messages import ResponseGroup, decode, encode
-from services.common.tiny import heldout_problems
 from services.coordinator.driver import run
 from services.coordinator.runtime import Runtime
-from services.coordinator.tasks import TaskSource, rl_exclusions, training_problems
+from services.coordinator.tasks import TaskSource, eval_problems, rl_exclusions, training_problems
 from services.verifier.scoring import score_group
 
 pytestmark = pytest.mark.slow
@@ -45,7 +44,7 @@ def _synchronous_reference(cfg) -> tuple[str, list[dict]]:
     rt = Runtime.start(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(rt.model_dir)
-        held = heldout_problems(cfg.coordinator.eval_problems)
+        held = eval_problems(cfg)
         source = TaskSource(cfg, training_problems(cfg, exclude=rl_exclusions(cfg, held)), tokenizer)
         c = cfg.coordinator
         gen = rt.generators[0]

@@ -201,10 +201,15 @@ def test_claim_stale_drops_entries_deleted_while_pending(redis_server: EmbeddedR
 def test_metrics_and_names(redis_server: EmbeddedRedis) -> None:
     q = _queue(redis_server)
     assert q.oldest_pending_age_ms("tasks") == 0
-    q.put("tasks", _task(1))
-    q.read("tasks", "gen-a", block_ms=0)
+    assert q.backlog("tasks") == 0
+    q.put_many("tasks", [_task(1), _task(2), _task(3)])
+    assert q.backlog("tasks") == 3  # none delivered yet
+    q.read("tasks", "gen-a", count=1, block_ms=0)
+    assert q.backlog("tasks") == 3 and q.pending_count("tasks") == 1  # 1 pending + 2 undelivered
     time.sleep(0.1)
     assert 90 <= q.oldest_pending_age_ms("tasks") < 5000
+    q.ack("tasks", [e.entry_id for e in q.read("tasks", "gen-a", count=5, block_ms=0)])
+    assert q.backlog("tasks") == 1 and q.length("tasks") == 3  # acked entries stay until trimmed
     assert q.key("groups") == "lpo:qtest:groups" and q.group("groups") == "learner"
     with pytest.raises(ValueError, match="unknown stream 'nope'; streams are tasks, rollouts, groups, dead"):
         q.put("nope", _task(1))

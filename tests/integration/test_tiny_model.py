@@ -41,7 +41,8 @@ _VLLM_SCRIPT = textwrap.dedent(
     from dataclasses import asdict
     from services.common.data.countdown import format_prompt
     from services.common.tiny import heldout_problems
-    from services.coordinator.evaluation import evaluate_countdown
+    from services.common.data.problems import countdown_problem
+    from services.coordinator.evaluation import evaluate_problems
     from services.generator.vllm_backend import build_llm, sample
 
     model_dir, out, n_prompts, n_samples = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -52,7 +53,8 @@ _VLLM_SCRIPT = textwrap.dedent(
     prompts = [format_prompt(p.nums, p.target) for p in problems[:n_prompts]]
     groups = sample(llm, prompts, n=n_samples, temperature=1.0, top_p=1.0, max_tokens=64, seed=123)
     started = time.perf_counter()
-    result = evaluate_countdown(llm, problems, n_samples=8, temperature=1.0, k=8, seed=0)
+    heldout = [countdown_problem(p) for p in problems]
+    result = evaluate_problems(llm, heldout, "countdown", n_samples=8, temperature=1.0, k=8, seed=0)
     eval_s = time.perf_counter() - started
     json.dump(
         {

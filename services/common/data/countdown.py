@@ -16,11 +16,13 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
+
+from services.common.data.rows import JSONL_SUFFIXES, DatasetError, read_rows, resolve_data_path, short
 
 ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
@@ -116,20 +118,8 @@ def generate_problems(
 # ---------------------------------------------------------------------------------------------------
 # Loading and saving datasets
 
-_JSONL_SUFFIXES = (".jsonl", ".json")
-_PARQUET_SUFFIXES = (".parquet",)
 _NUMS_RULE = "must be a list of 2..6 non-negative integers"
 _TARGET_RULE = "must be an integer"
-
-
-class DatasetError(ValueError):
-    """A dataset file or one of its rows is malformed; the message names file, row, field and fix."""
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """``repr`` cut to ``limit`` characters, so a hostile row cannot flood the error message."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _as_int(value: Any) -> int | None:
@@ -157,80 +147,34 @@ def _as_nums(value: Any) -> tuple[int, ...] | None:
 def _parse_row(row: Any, where: str) -> CountdownProblem:
     """One dataset row -> problem; ``where`` is ``"<file>: row <n>"`` for error messages."""
     if not isinstance(row, dict):
-        raise DatasetError(f"{where}: expected an object with 'nums' and 'target', got {_short(row)}")
+        raise DatasetError(f"{where}: expected an object with 'nums' and 'target', got {short(row)}")
     for field in ("nums", "target"):
         if field not in row:
             raise DatasetError(f"{where}: field {field!r} is missing (present: {sorted(row)}); add it")
     raw_nums, raw_target = row["nums"], row["target"]
     nums = _as_nums(raw_nums)
     if nums is None:
-        raise DatasetError(f"{where}: field 'nums' {_NUMS_RULE}, got {_short(raw_nums)}")
+        raise DatasetError(f"{where}: field 'nums' {_NUMS_RULE}, got {short(raw_nums)}")
     target = _as_int(raw_target)
     if target is None:
-        raise DatasetError(f"{where}: field 'target' {_TARGET_RULE}, got {_short(raw_target)}")
+        raise DatasetError(f"{where}: field 'target' {_TARGET_RULE}, got {short(raw_target)}")
     solution = row.get("solution") or ""
     if not isinstance(solution, str):
-        raise DatasetError(f"{where}: field 'solution' must be a string or absent, got {_short(solution)}")
+        raise DatasetError(f"{where}: field 'solution' must be a string or absent, got {short(solution)}")
     return CountdownProblem(nums=nums, target=target, solution=solution)
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(1-based line number, decoded object) for each non-blank line; the row number is the line
-    number, so it matches what an editor shows."""
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(
-                    f"{path}: row {lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                    f'each line must be one JSON object such as {{"nums": [1, 2, 3], "target": 6}}'
-                ) from None
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(1-based row number, row dict) for each row; reads only the columns the loader uses."""
-    try:
-        import pyarrow.parquet as pq  # optional: only Parquet datasets need it
-    except ImportError as exc:
-        raise ImportError(
-            f"reading {path} needs pyarrow, which is not installed; run `pip install pyarrow` "
-            f"or convert the file to JSON Lines"
-        ) from exc
-    parquet = pq.ParquetFile(path)
-    names = parquet.schema_arrow.names
-    for field in ("nums", "target"):
-        if field not in names:
-            raise DatasetError(f"{path}: row 1: field {field!r} is missing (columns: {names}); add it")
-    columns = [c for c in ("nums", "target", "solution") if c in names]
-    rownum = 0
-    for batch in parquet.iter_batches(columns=columns):
-        for row in batch.to_pylist():
-            rownum += 1
-            yield rownum, row
 
 
 def load_countdown_tasks(path: str | os.PathLike[str]) -> list[CountdownProblem]:
     """Problems from a Countdown-Tasks file: JSON Lines (``.jsonl``/``.json``, one object per line)
-    or Parquet (``.parquet``, needs pyarrow). Each row needs ``nums`` (2..6 non-negative integers)
+    or Parquet (``.parquet``, needs pyarrow), local or ``hf://datasets/...`` (``rows.resolve_data_path``).
+    Each row needs ``nums`` (2..6 non-negative integers)
     and ``target`` (an integer); ``solution`` is kept if present, other fields are ignored.
 
     Raises ``DatasetError`` naming the file, the 1-based row, the field and the bad value for a
     malformed row, and for an empty file.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in _JSONL_SUFFIXES:
-        rows = _jsonl_rows(path)
-    elif suffix in _PARQUET_SUFFIXES:
-        rows = _parquet_rows(path)
-    else:
-        raise DatasetError(
-            f"{path}: unknown dataset format {suffix!r}; "
-            f"use one of {list(_JSONL_SUFFIXES + _PARQUET_SUFFIXES)}"
-        )
+    path = resolve_data_path(path)
+    rows = read_rows(path, ("nums", "target"), ("solution",), example='{"nums": [1, 2, 3], "target": 6}')
     problems = [_parse_row(row, f"{path}: row {n}") for n, row in rows]
     if not problems:
         raise DatasetError(f"{path}: the file holds no rows; expected at least one with 'nums' and 'target'")
@@ -244,8 +188,8 @@ def save_countdown_tasks(problems: Iterable[CountdownProblem], path: str | os.Pa
     Written to a temporary file and renamed, so a reader never sees half a dataset.
     """
     path = Path(path)
-    if path.suffix.lower() not in _JSONL_SUFFIXES:
-        raise ValueError(f"{path}: save writes JSON Lines; give a path ending in {list(_JSONL_SUFFIXES)}")
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        raise ValueError(f"{path}: save writes JSON Lines; give a path ending in {list(JSONL_SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as fh:

@@ -1,0 +1,307 @@
+"""A run submitted with ``make submit`` (the ``ray job submit`` CLI) to a real ``ray start --head`` on
+loopback, scraped by a real Prometheus through Ray's service-discovery file, with the verifier REST service
+beside it: the job succeeds, every Grafana panel's PromQL returns data, every alert rule loads and
+evaluates. The head, Prometheus and the verifier are stopped by PID (never ``ray stop``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.common.paths import project_cache_dir
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "lpo-training.json"
+STEPS = 8
+RUN = "submitted"
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _get(url: str, timeout: float = 10.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read()
+
+
+def _wait_for(what: str, ok, timeout_s: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if ok():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    raise AssertionError(f"{what} not ready within {timeout_s:.0f}s\n{tail}")
+
+
+def _stop(proc: subprocess.Popen, marker: str | None = None) -> None:
+    """SIGTERM the process group, then SIGKILL it and any straggler whose command line holds ``marker``."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    if marker:
+        for pid in _pids_with(marker):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _pids_with(marker: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+@dataclass
+class Head:
+    temp_dir: Path
+    jobs_url: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[Head]:
+    temp = Path(tempfile.mkdtemp(prefix="lpo-ray-", dir="/tmp"))  # short: Ray's unix sockets live here
+    gcs, dash, metrics, agent, agent_grpc, client, node, objm = _free_ports(8)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is the project venv's
+        "RAY_AUTH_MODE": "disabled",  # set the same for the head and for `ray job submit`
+        "RAY_metrics_report_interval_ms": "1000",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "LPO_CACHE_DIR": str(project_cache_dir()),  # the tiny model built by the suite
+    }
+    log = temp / "head.log"
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--temp-dir={temp}",
+        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--ray-client-server-port={client}",
+        f"--node-manager-port={node}", f"--object-manager-port={objm}", "--num-cpus=4",
+        "--include-dashboard=true", "--disable-usage-stats",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dash}"
+        _wait_for("ray head", lambda: _get(f"{url}/api/version") and _discovery(temp), 180, log)
+        yield Head(temp, url, env)
+    finally:
+        _stop(proc, marker=str(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _discovery(temp: Path) -> bool:
+    path = temp / "prom_metrics_service_discovery.json"
+    return path.exists() and bool(json.loads(path.read_text())[0]["targets"])
+
+
+@pytest.fixture(scope="module")
+def verifier_service(head: Head) -> Iterator[str]:
+    (port,) = _free_ports(1)
+    log = head.temp_dir / "verifier.log"
+    cmd = [sys.executable, "-m", "services.verifier", "serve", "--port", str(port), "--redis-url", "none"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=head.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for("verifier service", lambda: _get(f"{url}/healthz"), 120, log)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def prometheus(head: Head, verifier_service: str) -> Iterator[str]:
+    if shutil.which("prometheus") is None:
+        pytest.fail(
+            "prometheus is not installed: .ci/run installs Debian's prometheus (apt-get install prometheus)"
+        )
+    cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in cfg["scrape_configs"]}
+    assert set(jobs) == {"ray", "lpo-verifier"}, jobs
+    # The shipped config with this test's paths and ports, and a fast scrape for a short run.
+    cfg["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    cfg["rule_files"] = [str(DEPLOY / "prometheus" / "alerts.yml")]
+    jobs["ray"]["file_sd_configs"][0]["files"] = [str(head.temp_dir / "prom_metrics_service_discovery.json")]
+    jobs["lpo-verifier"]["static_configs"][0]["targets"] = [verifier_service.removeprefix("http://")]
+    conf = head.temp_dir / "prometheus.yml"
+    conf.write_text(yaml.safe_dump(cfg))
+    (port,) = _free_ports(1)
+    log = head.temp_dir / "prometheus.log"
+    cmd = [
+        "prometheus", f"--config.file={conf}", f"--storage.tsdb.path={head.temp_dir / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for("prometheus", lambda: _get(f"{url}/-/ready"), 60, log)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@dataclass
+class Submitted:
+    run_dir: Path
+    started: float
+    ended: float
+    output: str
+
+
+@pytest.fixture(scope="module")
+def submitted(head: Head, prometheus: str, verifier_service: str, tmp_path_factory) -> Submitted:
+    runs = tmp_path_factory.mktemp("runs")
+    _score_some(verifier_service)  # the verifier service's series get real observations too
+    overrides = [
+        f"coordinator.steps={STEPS}", "coordinator.eval_every=4", "coordinator.eval_problems=32",
+        f"coordinator.runs_dir={runs}", f"coordinator.run_name={RUN}", "metrics.poll_s=1",
+    ]  # fmt: skip
+    args = "ARGS=" + " ".join(f"--set {o}" for o in overrides)
+    started = time.time()
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "submit", f"SUBMIT_ID=lpo-{RUN}", args],
+        cwd=REPO, env={**head.env, "RAY_ADDRESS": head.jobs_url},
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    status = JobSubmissionClient(head.jobs_url).get_job_status(f"lpo-{RUN}")
+    assert status == JobStatus.SUCCEEDED, status
+    time.sleep(4)  # the last report interval and scrape
+    return Submitted(runs / RUN, started, time.time(), output)
+
+
+def _score_some(url: str) -> None:
+    items = [
+        {"id": "c1", "task": "countdown", "response": "<answer>1 + 2</answer>", "nums": [1, 2], "target": 3},
+        {"id": "c2", "task": "countdown", "response": "<answer>1 * 2</answer>", "nums": [1, 2], "target": 3},
+        {"id": "m1", "task": "math", "response": "so \\boxed{4}", "answer": "4"},
+    ]
+    req = urllib.request.Request(
+        f"{url}/v1/verify",
+        data=json.dumps({"items": items}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        statuses = [r["status"] for r in json.loads(resp.read())["results"]]
+    assert statuses == ["pass", "fail", "pass"], statuses
+
+
+def _query_range(prom: str, expr: str, start: float, end: float) -> list[dict]:
+    params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": "2s"})
+    body = json.loads(_get(f"{prom}/api/v1/query_range?{params}"))
+    assert body["status"] == "success", (expr, body)
+    return body["data"]["result"]
+
+
+def _panels() -> list[dict]:
+    return [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+
+
+def _concrete(expr: str) -> str:
+    """Grafana's variables as Grafana would fill them for this run (rate window: 4 scrape intervals+)."""
+    return expr.replace("$run", RUN).replace("$__rate_interval", "10s")
+
+
+# ---------------------------------------------------------------- the tests
+
+
+def test_submitted_run_succeeds_and_writes_its_run_directory(submitted: Submitted) -> None:
+    summary = json.loads((submitted.run_dir / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["final_version"] == STEPS
+    assert summary["trained_groups"] == STEPS * 16
+    assert len((submitted.run_dir / "metrics.jsonl").read_text().splitlines()) == STEPS
+    assert "Pass@1" in submitted.output  # the job's log streamed back by `ray job submit`
+
+
+def test_every_dashboard_panel_returns_data(submitted: Submitted, prometheus: str) -> None:
+    empty, report = [], []
+    for panel in _panels():
+        for target in panel["targets"]:
+            series = _query_range(prometheus, _concrete(target["expr"]), submitted.started, submitted.ended)
+            report.append(f"{len(series):3d} series  {panel['title']} [{target['refId']}]")
+            if not series:
+                empty.append(f"{panel['title']}: {target['expr']}")
+    print("\n".join(report))
+    assert not empty, "panels without data:\n" + "\n".join(empty)
+
+
+def test_run_series_carry_the_run_and_match_the_run_directory(submitted: Submitted, prometheus: str) -> None:
+    def peak(expr: str) -> float:
+        [series] = _query_range(prometheus, expr, submitted.started, submitted.ended)
+        return max(float(v) for _, v in series["values"])
+
+    assert peak(f'max(ray_lpo_learner_steps_total{{run="{RUN}"}})') == STEPS
+    assert peak(f'max(ray_lpo_learner_weights_version{{run="{RUN}"}})') == STEPS
+    assert peak(f'sum(ray_lpo_policy_lag_bucket{{run="{RUN}",le="0.5"}})') == STEPS * 16  # all at lag 0
+    assert peak(f'max(ray_lpo_generators_alive{{run="{RUN}"}})') == 1
+
+
+def test_every_alert_rule_loads_and_evaluates(submitted: Submitted, prometheus: str) -> None:
+    shipped = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    names = {r["alert"] for g in shipped["groups"] for r in g["rules"]}
+    body = json.loads(_get(f"{prometheus}/api/v1/rules"))
+    rules = {r["name"]: r for g in body["data"]["groups"] for r in g["rules"]}
+    assert set(rules) == names
+    for name, rule in rules.items():
+        assert rule["health"] == "ok", (name, rule.get("lastError"))
+        assert rule["lastEvaluation"] > "2000", (name, rule)
+
+
+def test_promtool_checks_and_unit_tests_the_rules() -> None:
+    rules = DEPLOY / "prometheus"
+    check = subprocess.run(
+        ["promtool", "check", "rules", str(rules / "alerts.yml")], capture_output=True, text=True
+    )
+    assert check.returncode == 0 and "SUCCESS: 8 rules found" in check.stdout + check.stderr, check.stderr
+    unit = subprocess.run(
+        ["promtool", "test", "rules", "alerts_test.yml"], cwd=rules, capture_output=True, text=True
+    )
+    assert unit.returncode == 0 and "SUCCESS" in unit.stdout + unit.stderr, unit.stdout + unit.stderr

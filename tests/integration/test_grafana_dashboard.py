@@ -1,0 +1,56 @@
+"""The Grafana dashboard JSON type-checks against the ``@grafana/schema`` Dashboard type (npm + tsc, the
+versions pinned in deploy/grafana/typecheck/package-lock.json). Its PromQL is checked against a real
+Prometheus in tests/e2e/test_submit_observability.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHECK = REPO / "deploy" / "grafana" / "typecheck"
+DASHBOARDS = sorted((REPO / "deploy" / "grafana" / "dashboards").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def tsc() -> Path:
+    if shutil.which("npm") is None:
+        pytest.fail("npm is not installed: .ci/run installs it (apt-get install npm)")
+    if not (CHECK / "node_modules" / "typescript").is_dir():
+        proc = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=CHECK, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return CHECK / "node_modules" / ".bin" / "tsc"
+
+
+def _typecheck(tsc: Path, dashboard: dict, name: str) -> subprocess.CompletedProcess[str]:
+    generated = CHECK / "generated"
+    shutil.rmtree(generated, ignore_errors=True)
+    generated.mkdir()
+    body = json.dumps(dashboard, indent=2)
+    (generated / f"{name}.ts").write_text(
+        'import type { Dashboard } from "@grafana/schema";\n\n'
+        f"export const dashboard: Dashboard = {body};\n"
+    )
+    return subprocess.run([str(tsc), "-p", str(CHECK)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboard_type_checks_against_grafana_schema(tsc: Path, path: Path) -> None:
+    proc = _typecheck(tsc, json.loads(path.read_text()), path.stem)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_type_check_rejects_a_broken_dashboard(tsc: Path) -> None:
+    broken = json.loads(DASHBOARDS[0].read_text())
+    broken["graphTooltip"] = 7  # not a DashboardCursorSync value
+    broken["panels"][0]["collapsed"] = "no"  # a row's `collapsed` is a boolean
+    proc = _typecheck(tsc, broken, "broken")
+    assert proc.returncode != 0
+    assert "graphTooltip" in proc.stdout or "DashboardCursorSync" in proc.stdout, proc.stdout
+    assert "collapsed" in proc.stdout or "boolean" in proc.stdout, proc.stdout
