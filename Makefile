@@ -21,7 +21,7 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup run submit test test-fast lint format lock build-tiny clean
+.PHONY: help setup sysdeps run submit test test-fast lint format lock build-tiny clean
 
 help:
 	@echo "make run    - train the tiny Countdown model with LPO ($(CONFIG))"
@@ -54,7 +54,11 @@ submit: setup
 	$(VENV)/bin/ray job submit --working-dir . --runtime-env deploy/ray/runtime_env.yaml \
 	  $(if $(SUBMIT_ID),--submission-id $(SUBMIT_ID)) -- python -m services.coordinator --config $(CONFIG) $(ARGS)
 
-test: setup lint
+# System packages of the tests (redis-server, bubblewrap, prometheus, npm): installed with apt-get if missing.
+sysdeps:
+	@bash .ci/sysdeps
+
+test: setup sysdeps lint
 	$(PY) -m pytest
 
 test-fast: setup

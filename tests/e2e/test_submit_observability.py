@@ -64,6 +64,20 @@ def _wait_for(what: str, ok, timeout_s: float, log: Path | None = None) -> None:
     raise AssertionError(f"{what} not ready within {timeout_s:.0f}s\n{tail}")
 
 
+@contextlib.contextmanager
+def _service(
+    what: str, cmd: list[str], log: Path, ready, timeout_s: float, marker: str | None = None, **popen
+) -> Iterator[None]:
+    """Run ``cmd`` (output to ``log``) in its own session until the block ends; wait for ``ready()``."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+    try:
+        _wait_for(what, ready, timeout_s, log)
+        yield
+    finally:
+        _stop(proc, marker)
+
+
 def _stop(proc: subprocess.Popen, marker: str | None = None) -> None:
     """SIGTERM the process group, then SIGKILL it and any straggler whose command line holds ``marker``."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -111,7 +125,6 @@ def head() -> Iterator[Head]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "LPO_CACHE_DIR": str(project_cache_dir()),  # the tiny model built by the suite
     }
-    log = temp / "head.log"
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--temp-dir={temp}",
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -120,14 +133,15 @@ def head() -> Iterator[Head]:
         f"--node-manager-port={node}", f"--object-manager-port={objm}", "--num-cpus=4",
         "--include-dashboard=true", "--disable-usage-stats",
     ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+
+    def ready() -> bool:
+        return bool(_get(f"{url}/api/version")) and _discovery(temp)
+
     try:
-        url = f"http://127.0.0.1:{dash}"
-        _wait_for("ray head", lambda: _get(f"{url}/api/version") and _discovery(temp), 180, log)
-        yield Head(temp, url, env)
+        with _service("ray head", cmd, temp / "head.log", ready, 180, marker=str(temp), env=env):
+            yield Head(temp, url, env)
     finally:
-        _stop(proc, marker=str(temp))
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -139,18 +153,11 @@ def _discovery(temp: Path) -> bool:
 @pytest.fixture(scope="module")
 def verifier_service(head: Head) -> Iterator[str]:
     (port,) = _free_ports(1)
-    log = head.temp_dir / "verifier.log"
     cmd = [sys.executable, "-m", "services.verifier", "serve", "--port", str(port), "--redis-url", "none"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=head.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_for("verifier service", lambda: _get(f"{url}/healthz"), 120, log)
+    url = f"http://127.0.0.1:{port}"
+    log = head.temp_dir / "verifier.log"
+    with _service("verifier service", cmd, log, lambda: _get(f"{url}/healthz"), 120, cwd=REPO, env=head.env):
         yield url
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -170,19 +177,13 @@ def prometheus(head: Head, verifier_service: str) -> Iterator[str]:
     conf = head.temp_dir / "prometheus.yml"
     conf.write_text(yaml.safe_dump(cfg))
     (port,) = _free_ports(1)
-    log = head.temp_dir / "prometheus.log"
     cmd = [
         "prometheus", f"--config.file={conf}", f"--storage.tsdb.path={head.temp_dir / 'tsdb'}",
         f"--web.listen-address=127.0.0.1:{port}",
     ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_for("prometheus", lambda: _get(f"{url}/-/ready"), 60, log)
+    url = f"http://127.0.0.1:{port}"
+    with _service("prometheus", cmd, head.temp_dir / "prometheus.log", lambda: _get(f"{url}/-/ready"), 60):
         yield url
-    finally:
-        _stop(proc)
 
 
 @dataclass
