@@ -223,6 +223,8 @@ class CoordinatorConfig(_Section):
     """k of the reported Pass@k (<= eval_samples)."""
     eval_temperature: float = Field(0.6, gt=0.0, le=4.0)
     """Sampling temperature of evaluation (the paper's 0.6)."""
+    stall_timeout_s: float = Field(600.0, ge=1.0, le=7 * 86_400.0)
+    """The watchdog: a run that gets no scored group for this long fails, naming the stuck stage."""
     run_name: str = Field("countdown-tiny", pattern=r"^[A-Za-z0-9_.-]+$")
     """Name of the run directory under ``runs_dir`` and of the Redis keys."""
     runs_dir: str = "runs"
@@ -296,6 +298,9 @@ class ClusterConfig(_Section):
     """Resources per verifier worker."""
     learner: ActorResources = ActorResources()
     """Resources per learner rank."""
+    max_restarts: int = Field(4, ge=-1, le=10_000)
+    """Times Ray restarts a crashed generator or verifier actor (-1: without limit); the restarted actor
+    retries its loop and rejoins at the latest snapshot."""
 
 
 class RunConfig(_Section):

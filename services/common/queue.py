@@ -2,7 +2,7 @@
 
 Delivery is at-least-once. A stage reads with XREADGROUP, writes its output and acknowledges its input in
 one MULTI/EXEC (``forward``), so a consumer that dies in between leaves its input pending and writes
-nothing; a live consumer takes the entry over with ``claim_stale`` (XAUTOCLAIM) once it has been idle
+nothing; a live consumer takes the entry over (``read_or_claim``: XAUTOCLAIM) once it has been idle
 ``queue.claim_idle_ms``. Entry ids are returned everywhere, for the learner's checkpointed position and for
 trimming below it. An entry that does not decode into the stream's message type is moved to
 ``lpo:{run}:dead`` with the reason and acknowledged: it never blocks or crashes a consumer.
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Message = RolloutTask | ResponseGroup
+Also = Callable[[Any], None]
+"""Adds commands to a MULTI/EXEC pipeline (``redis.client.Pipeline``) of a queue write."""
 
 STREAM_TYPES: dict[str, type] = {"tasks": RolloutTask, "rollouts": ResponseGroup, "groups": ResponseGroup}
 """What each stream carries."""
@@ -154,9 +156,10 @@ class StreamQueue:
         fields = self._fields(stream, message)
         return _str(self._call(f"XADD {key}", lambda: self._redis.xadd(key, fields)))
 
-    def put_many(self, stream: str, messages: Sequence[Message]) -> list[str]:
+    def put_many(self, stream: str, messages: Sequence[Message], also: Also | None = None) -> list[str]:
         """Append messages in one MULTI/EXEC: a reader sees all of them or none (a whole step's tasks
-        reach one generator batch together). Returns their entry ids, in order."""
+        reach one generator batch together). ``also`` adds commands to the same transaction (the run
+        ledger's record of the admission). Returns the entry ids, in order."""
         key = self.key(stream)
         payloads = [self._fields(stream, m) for m in messages]
         if not payloads:
@@ -166,9 +169,11 @@ class StreamQueue:
             pipe = self._redis.pipeline(transaction=True)
             for fields in payloads:
                 pipe.xadd(key, fields)
+            if also is not None:
+                also(pipe)
             return pipe.execute()
 
-        return [_str(r) for r in self._call(f"MULTI XADD {key}", transaction)]
+        return [_str(r) for r in self._call(f"MULTI XADD {key}", transaction)[: len(payloads)]]
 
     def forward(
         self, in_stream: str, entry_ids: Sequence[str], out_stream: str, messages: Sequence[Message]
@@ -206,13 +211,31 @@ class StreamQueue:
             )
         return [_str(r) for r in added]
 
-    def ack(self, stream: str, entry_ids: Sequence[str]) -> int:
-        """Acknowledge entries (the learner, after its checkpoint made them durable). Returns how many
-        were pending."""
+    def ack(self, stream: str, entry_ids: Sequence[str], also: Also | None = None) -> int:
+        """Acknowledge entries (the learner, once their update is published), with ``also``'s commands in
+        the same MULTI/EXEC (the ledger's outcome of each group). Returns how many were pending."""
         if not entry_ids:
             return 0
         key, group = self.key(stream), self.group(stream)
-        return int(self._call(f"XACK {key}", lambda: self._redis.xack(key, group, *entry_ids)))
+
+        def transaction() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xack(key, group, *entry_ids)
+            if also is not None:
+                also(pipe)
+            return pipe.execute()
+
+        return int(self._call(f"MULTI XACK {key}", transaction)[0])
+
+    def transaction(self, what: str, commands: Also) -> list[Any]:
+        """Run ``commands`` on a MULTI/EXEC pipeline (retried on a lost connection, like every call)."""
+
+        def run() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=True)
+            commands(pipe)
+            return pipe.execute()
+
+        return self._call(what, run)
 
     # ---- reads -----------------------------------------------------------------------------------
     def read(
@@ -237,6 +260,17 @@ class StreamQueue:
         reply = self._call_grouped(f"XREADGROUP {key}", xreadgroup)
         pairs = reply[0][1] if reply else []
         return self._decoded(stream, group, pairs)
+
+    def read_or_claim(
+        self, stream: str, consumer: str, *, count: int, block_ms: int | None, claim_idle_ms: int | None
+    ) -> list[QueueEntry]:
+        """What a stage worker reads: entries left pending for ``claim_idle_ms`` by a dead consumer (or by
+        this consumer before it restarted) first, else new ones; None never claims."""
+        if claim_idle_ms is not None:
+            claimed = self.claim_stale(stream, consumer, claim_idle_ms, count=count)
+            if claimed:
+                return claimed
+        return self.read(stream, consumer, count=count, block_ms=block_ms)
 
     def claim_stale(self, stream: str, consumer: str, min_idle_ms: int, count: int = 16) -> list[QueueEntry]:
         """Take over up to ``count`` entries pending on any consumer for at least ``min_idle_ms`` (dead
@@ -316,14 +350,41 @@ class StreamQueue:
         key, group = self.key(stream), self.group(stream)
         return int(self._call_grouped(f"XPENDING {key}", lambda: self._redis.xpending(key, group))["pending"])
 
-    def backlog(self, stream: str) -> int:
-        """Entries the stage has not acknowledged yet: delivered and pending, plus not yet delivered
-        (the group's ``lag``; Redis >= 7.0)."""
+    def dead_letter_ids(self) -> set[str]:
+        """Message ids of the entries moved to the dead-letter stream (for the ledger: not lost, rejected)."""
+        key = self.key(DEAD)
+        entries = self._call(f"XRANGE {key}", lambda: self._redis.xrange(key, "-", "+"))
+        return {_str(fields[b"field:id"]) for _, fields in entries if b"field:id" in fields}
+
+    def _group_info(self, stream: str) -> dict[str, Any]:
+        """XINFO GROUPS of the stream's consumer group (``pending``, ``lag``, ``last-delivered-id``)."""
         key, group = self.key(stream), self.group(stream)
         groups = self._call_grouped(f"XINFO GROUPS {key}", lambda: self._redis.xinfo_groups(key))
         info = next((g for g in groups if _str(g["name"]) == group), None)
         if info is None:
             raise QueueError(f"{key} has no consumer group {group!r}; call ensure_groups() first")
+        return info
+
+    def unacked_ids(self, stream: str) -> set[str]:
+        """Message ids (task / group ids) of every entry the stage has not acknowledged: its pending
+        entries and those not delivered yet. Reads whole entries: meant for the end-of-run ledger check."""
+        key, group = self.key(stream), self.group(stream)
+        info = self._group_info(stream)
+        pending = self._call(
+            f"XPENDING {key}", lambda: self._redis.xpending_range(key, group, min="-", max="+", count=1 << 30)
+        )
+        ids = [_str(p["message_id"]) for p in pending]
+        entries = [
+            e for i in ids for e in self._call(f"XRANGE {key}", lambda i=i: self._redis.xrange(key, i, i))
+        ]
+        last = _str(info["last-delivered-id"])
+        entries += self._call(f"XRANGE {key}", lambda: self._redis.xrange(key, f"({last}", "+"))
+        return {_str(fields[b"id"]) for _, fields in entries}
+
+    def backlog(self, stream: str) -> int:
+        """Entries the stage has not acknowledged yet: delivered and pending, plus not yet delivered
+        (the group's ``lag``; Redis >= 7.0)."""
+        info = self._group_info(stream)
         return int(info["pending"]) + int(info.get("lag") or 0)
 
     def oldest_pending_age_ms(self, stream: str) -> int:

@@ -1,5 +1,7 @@
 """``python -m services.coordinator --config FILE [--set k=v ...] [--dry-run]``."""
 
+import logging
+
 from services.coordinator.cli import dry_run, parse_args, resolve
 
 
@@ -10,8 +12,13 @@ def main() -> None:
         dry_run(cfg)
         return
     from services.coordinator.driver import run  # heavy imports (ray, torch) only when running
+    from services.coordinator.watchdog import RunStalled
 
-    run(cfg)
+    try:
+        run(cfg)
+    except RunStalled as exc:  # a stuck stage: say which, exit non-zero (everything started is stopped)
+        logging.getLogger("lpo.coordinator").error("run stalled: %s", exc)
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from services.common.config import RunConfig
+from services.common.ledger import RunLedger
 from services.common.logs import setup_logging
 from services.common.messages import ResponseGroup
 from services.common.metrics import Metrics
@@ -23,6 +24,7 @@ from services.coordinator.admission import policy_lag, to_admit
 from services.coordinator.rundir import RunDir
 from services.coordinator.runtime import Runtime
 from services.coordinator.telemetry import Monitor, StepExporter
+from services.coordinator.watchdog import Watchdog
 from services.learner.intake import GroupIntake, entry_order, length_histogram
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class Coordinator:
         self.cfg, self.rt, self.rundir = cfg, rt, rundir
         self.queue = StreamQueue(rt.redis_url, cfg.coordinator.run_name, block_ms=cfg.queue.block_ms)
         self.queue.ensure_groups()
+        self.ledger = RunLedger(self.queue)
+        self.watchdog = Watchdog(self.queue, rt.generators, rt.verifiers, cfg.coordinator.stall_timeout_s)
         self.heldout = eval_problems(cfg)
         tokenizer = AutoTokenizer.from_pretrained(rt.model_dir)
         problems = training_problems(cfg, exclude=rl_exclusions(cfg, self.heldout))
@@ -98,7 +102,9 @@ class Coordinator:
                 metrics = self.rt.learner.train(groups)
             with phases("publish"):
                 self.publish()
-            self.queue.ack("groups", entry_ids)  # acked only once the update is published
+            # Acked only once the update is published, with the ledger's record in the same transaction.
+            trained = {g.group_id: f"trained:{self.version}" for g in groups}
+            self.queue.ack("groups", entry_ids, also=self.ledger.settling(trained, trained=list(trained)))
             self.intake.mark_trained(groups)
             record = self.record(step, groups, metrics, lags, phases.seconds)
             self.loop_seconds += record["step_s"]
@@ -127,15 +133,22 @@ class Coordinator:
             c.max_policy_lag,
             c.steps * c.prompts_per_step,
         )
-        self.queue.put_many("tasks", [self.tasks.next(admit_version=self.version) for _ in range(n)])
+        tasks = [self.tasks.next(admit_version=self.version) for _ in range(n)]
+        self.queue.put_many("tasks", tasks, also=self.ledger.admitting([t.task_id for t in tasks]))
         return n
 
     def collect(self) -> tuple[list[ResponseGroup], list[str], list[int]]:
         """The next ``prompts_per_step`` admissible scored groups, oldest behaviour version first."""
         want = self.cfg.coordinator.prompts_per_step
         self.buffer = [e for e in self.buffer if not self._dropped(e)]  # the version moved: re-check
+        self.watchdog.progress()
         while len(self.buffer) < want:
-            for entry in self.queue.read("groups", "learner", count=max(want, 64)):
+            fresh = self.queue.read("groups", "learner", count=max(want, 64))
+            if fresh:
+                self.watchdog.progress()
+            else:
+                self.watchdog.check(len(self.buffer), want)  # raises RunStalled naming the stuck stage
+            for entry in self._not_yet_trained(fresh):
                 if not self._dropped(entry):
                     self.buffer.append(entry)
         self.buffer.sort(key=lambda e: (e.message.behavior_version, entry_order(e.entry_id)))
@@ -147,11 +160,29 @@ class Coordinator:
             [policy_lag(self.version, g.behavior_version) for g in groups],
         )
 
+    def _not_yet_trained(self, entries: list[QueueEntry]) -> list[QueueEntry]:
+        """Entries whose group the ledger has not trained and the buffer does not hold yet; the others
+        (second deliveries) are dropped as duplicates. Checked against Redis, not memory, so a restarted
+        coordinator cannot train a group twice."""
+        seen = {e.message.group_id for e in self.buffer}
+        kept = []
+        for entry, trained in zip(
+            entries, self.ledger.trained_already([e.message.group_id for e in entries]), strict=True
+        ):
+            if trained or entry.message.group_id in seen:
+                self.intake.drop(entry.message, "duplicate", self.version)
+                self.queue.ack("groups", [entry.entry_id])  # the ledger keeps the first delivery's outcome
+            else:
+                seen.add(entry.message.group_id)
+                kept.append(entry)
+        return kept
+
     def _dropped(self, entry: QueueEntry) -> bool:
         reason = self.intake.reason_to_drop(entry.message, self.version)
         if reason is not None:
             self.intake.drop(entry.message, reason, self.version)
-            self.queue.ack("groups", [entry.entry_id])
+            outcome = {} if reason == "duplicate" else {entry.message.group_id: f"dropped:{reason}"}
+            self.queue.ack("groups", [entry.entry_id], also=self.ledger.settling(outcome))
         return reason is not None
 
     # ------------------------------------------------------------------ records
@@ -227,7 +258,12 @@ class Coordinator:
         def brief(e: dict[str, Any]) -> dict[str, Any]:
             return {"pass_at_1": e["pass_at_1"], "pass_at_k": e["pass_at_k"], "k": e["k"]}
 
+        ledger = self.ledger.report()
+        self.rundir.write_json("ledger.json", {"report": ledger.as_dict(), "tasks": self.ledger.states()})
         summary = {
+            "lost": ledger.lost,
+            "duplicates": ledger.duplicates,
+            "ledger": ledger.as_dict(),
             "steps": self.cfg.coordinator.steps,
             "wall_seconds": round(wall_s, 2),
             "loop_seconds": round(self.loop_seconds, 2),

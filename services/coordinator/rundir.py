@@ -43,12 +43,16 @@ class RunDir:
         path = self.path / name
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-    def write_summary(self, summary: dict[str, Any]) -> Path:
-        path = self.path / "summary.json"
+    def write_json(self, name: str, payload: dict[str, Any]) -> Path:
+        """``name`` in the run directory, written whole or not at all (temp file + rename)."""
+        path = self.path / name
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
         tmp.replace(path)
         return path
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        return self.write_json("summary.json", summary)
 
     def plot_curves(self) -> Path:
         """Reward, Pass@1, KL and entropy against the learner step."""

@@ -86,6 +86,29 @@ def _wait_ready(actors: list[Any], timeout_s: float) -> None:
     ray.get(done)
 
 
+def actor_states(actors: list[Any], timeout_s: float = 5.0) -> list[str]:
+    """``alive`` (answered a control call), ``dead`` (Ray gave up restarting it) or ``unresponsive``
+    (restarting, or busy past ``timeout_s``) for each actor."""
+    import ray
+
+    refs = [a.stats.remote() for a in actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    done = set(ready)
+    states = []
+    for ref in refs:
+        if ref not in done:
+            states.append("unresponsive")
+            continue
+        try:
+            ray.get(ref)
+            states.append("alive")
+        except ray.exceptions.ActorDiedError:
+            states.append("dead")
+        except ray.exceptions.RayError:  # the call failed on a live actor (e.g. while it restarts)
+            states.append("unresponsive")
+    return states
+
+
 @dataclass
 class Runtime:
     """Handles to everything a run started; ``stop()`` ends exactly those."""
@@ -98,6 +121,7 @@ class Runtime:
     verifiers: list[Any] = field(default_factory=list)
     learner: Any = None
     owns_ray: bool = False
+    loops: list[Any] = field(default_factory=list)
 
     @classmethod
     def start(cls, cfg: RunConfig) -> Runtime:
@@ -114,14 +138,17 @@ class Runtime:
             rt.owns_ray = init_ray(cfg)
             c = cfg.cluster
             rt.learner = LearnerGroup(cfg, model_dir, redis_url)
+            # A crashed generator or verifier is restarted by Ray, and its running loop (and any control
+            # call) is retried on the new instance, which rejoins at the latest snapshot.
+            supervised = {"max_restarts": c.max_restarts, "max_task_retries": -1 if c.max_restarts else 0}
             rt.generators = [
-                GeneratorActor.options(num_cpus=c.generator.num_cpus, num_gpus=c.generator.num_gpus).remote(
-                    cfg, model_dir, redis_url, i
-                )
+                GeneratorActor.options(
+                    num_cpus=c.generator.num_cpus, num_gpus=c.generator.num_gpus, **supervised
+                ).remote(cfg, model_dir, redis_url, i)
                 for i in range(cfg.generator.num_actors)
             ]
             rt.verifiers = [
-                VerifierActor.options(num_cpus=c.verifier.num_cpus).remote(cfg, redis_url, i)
+                VerifierActor.options(num_cpus=c.verifier.num_cpus, **supervised).remote(cfg, redis_url, i)
                 for i in range(cfg.verifier.num_workers)
             ]
             _wait_ready(rt.generators + rt.verifiers, timeout_s=600.0)
@@ -131,8 +158,10 @@ class Runtime:
         return rt
 
     def start_loops(self) -> list[Any]:
-        """Start the generator and verifier loops; returns their refs (they end on ``stop``)."""
-        return [a.run.remote() for a in self.generators + self.verifiers]
+        """Start the generator and verifier loops; returns their refs (they end on ``stop``). The refs are
+        kept: Ray retries a loop on a restarted actor only while its caller still holds the ref."""
+        self.loops = [a.run.remote() for a in self.generators + self.verifiers]
+        return self.loops
 
     def stop(self) -> None:
         import ray

@@ -12,6 +12,7 @@ from typing import Any
 
 from services.common.metrics import Metrics
 from services.common.queue import StreamQueue
+from services.coordinator.runtime import actor_states
 from services.learner.intake import DROP_REASONS
 
 logger = logging.getLogger(__name__)
@@ -102,21 +103,8 @@ class Monitor:
             self.metrics.set("lpo_queue_backlog", self.queue.backlog(stream), stream=stream)
             age_s = self.queue.oldest_pending_age_ms(stream) / 1000.0
             self.metrics.set("lpo_queue_oldest_pending_age_seconds", age_s, stream=stream)
-        self.metrics.set("lpo_generators_alive", self.generators_alive())
-
-    def generators_alive(self, timeout_s: float = 5.0) -> int:
-        import ray
-
-        refs = [g.stats.remote() for g in self.generators]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        alive = 0
-        for ref in ready:
-            try:
-                ray.get(ref)
-                alive += 1
-            except ray.exceptions.RayError:  # a dead actor answers with an error: it is not alive
-                pass
-        return alive
+        alive = actor_states(self.generators).count("alive")
+        self.metrics.set("lpo_generators_alive", alive)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import threading
 from collections.abc import Sequence
 
@@ -38,6 +40,7 @@ class GeneratorActor:
             make_transport(cfg.weights, redis_url, run),
             consumer=f"gen-{index}",
             batch_tasks=cfg.coordinator.prompts_per_step,
+            claim_idle_ms=cfg.queue.claim_idle_ms,
             metrics=Metrics(run, enabled=cfg.metrics.enabled, generator=f"gen-{index}"),
         )
         self._stop = threading.Event()
@@ -47,9 +50,19 @@ class GeneratorActor:
         return self.gen.version
 
     def run(self) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         while not self._stop.is_set():
             with self._lock:
-                self.gen.step(block_ms=min(self.cfg.queue.block_ms, 200))
+                try:
+                    self.gen.step(block_ms=min(self.cfg.queue.block_ms, 200))
+                except EngineDeadError:
+                    # A dead engine cannot recover in this process: exit so Ray restarts the actor (its
+                    # loop is retried on the new one) instead of leaving it wedged. Its tasks stay pending.
+                    logging.getLogger(__name__).critical(
+                        "vLLM engine died; exiting for a restart", exc_info=True
+                    )
+                    os._exit(1)
 
     def sample(self, payloads: list[bytes]) -> list[bytes]:
         """Queue-less sampling of encoded tasks (the synchronous reference loop of the tests)."""

@@ -54,10 +54,11 @@ class Generator:
         *,
         consumer: str,
         batch_tasks: int = 16,
+        claim_idle_ms: int | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.engine, self.queue, self.transport = engine, queue, transport
-        self.consumer, self.batch_tasks = consumer, batch_tasks
+        self.consumer, self.batch_tasks, self.claim_idle_ms = consumer, batch_tasks, claim_idle_ms
         self.snapshot: WeightSnapshot | None = None
         self.stats = GeneratorStats()
         self.metrics = metrics or Metrics(queue.run, enabled=False, generator=consumer)
@@ -109,7 +110,13 @@ class Generator:
     def step(self, block_ms: int | None = None) -> int:
         """One batch: read up to ``batch_tasks`` tasks, sample, forward. Returns groups produced."""
         t0 = time.monotonic()
-        entries = self.queue.read("tasks", self.consumer, count=self.batch_tasks, block_ms=block_ms)
+        entries = self.queue.read_or_claim(
+            "tasks",
+            self.consumer,
+            count=self.batch_tasks,
+            block_ms=block_ms,
+            claim_idle_ms=self.claim_idle_ms,
+        )
         if not entries:
             self.sync_weights()
             self._idle(time.monotonic() - t0)

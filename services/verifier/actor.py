@@ -36,6 +36,7 @@ class VerifierActor:
             queue,
             consumer=f"verifier-{index}",
             task_kind=cfg.data.task,
+            claim_idle_ms=cfg.queue.claim_idle_ms,
             metrics=Metrics(run, enabled=cfg.metrics.enabled),
         )
         self.block_ms = min(cfg.queue.block_ms, 200)

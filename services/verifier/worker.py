@@ -32,9 +32,10 @@ class VerifierWorker:
         consumer: str,
         batch: int = 32,
         task_kind: str = "countdown",
+        claim_idle_ms: int | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        self.queue, self.consumer, self.batch = queue, consumer, batch
+        self.queue, self.consumer, self.batch, self.claim_idle_ms = queue, consumer, batch, claim_idle_ms
         self.stats = VerifierStats()
         self.metrics = metrics or Metrics(queue.run, enabled=False)
         self.metrics.zero("lpo_verifier_rejected_groups")
@@ -42,7 +43,9 @@ class VerifierWorker:
             self.metrics.zero("lpo_verifier_outcomes", task=task_kind, status=status)
 
     def step(self, block_ms: int | None = None) -> int:
-        entries = self.queue.read("rollouts", self.consumer, count=self.batch, block_ms=block_ms)
+        entries = self.queue.read_or_claim(
+            "rollouts", self.consumer, count=self.batch, block_ms=block_ms, claim_idle_ms=self.claim_idle_ms
+        )
         if not entries:
             return 0
         scored, done = [], []

@@ -1,0 +1,109 @@
+"""The run ledger: what became of every admitted task, kept in Redis next to the streams.
+
+``lpo:{run}:ledger`` maps task id -> ``admitted`` | ``trained:<version>`` | ``dropped:<reason>``, written in
+the same MULTI/EXEC as the admission (XADD to ``:tasks``) and as the acknowledgement of the trained or
+dropped group (XACK of ``:groups``), so the ledger never disagrees with the streams. ``lpo:{run}:trained``
+counts how often each task was trained: the learner refuses a group whose task the ledger says is trained
+(durable state, not memory), and ``report()`` counts any count above 1 as a duplicate rather than assuming
+none. A task still ``admitted`` is in flight if some stage has not acknowledged its entry, dead-lettered if a
+stage rejected it to ``:dead`` (with the reason there), else lost.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from services.common.queue import STREAM_TYPES, Also, StreamQueue
+
+ADMITTED = "admitted"
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerReport:
+    """Counts over every admitted task. ``lost`` and ``duplicates`` must be 0 in a correct run."""
+
+    admitted: int
+    trained: int
+    dropped: int
+    dropped_by_reason: dict[str, int]
+    in_flight: int
+    dead_lettered: int
+    lost: int
+    duplicates: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RunLedger:
+    """Reads and writes the ledger of the queue's run (through the queue's connection and retries)."""
+
+    def __init__(self, queue: StreamQueue) -> None:
+        self.queue = queue
+        self.key = f"lpo:{queue.run}:ledger"
+        self.trained_key = f"lpo:{queue.run}:trained"
+
+    def admitting(self, task_ids: Sequence[str]) -> Also:
+        """Commands recording ``task_ids`` as admitted (for ``StreamQueue.put_many(..., also=)``)."""
+        mapping = dict.fromkeys(task_ids, ADMITTED)
+
+        def add(pipe: Any) -> None:
+            if mapping:
+                pipe.hset(self.key, mapping=mapping)
+
+        return add
+
+    def settling(self, outcomes: Mapping[str, str], trained: Iterable[str] = ()) -> Also:
+        """Commands recording each task's outcome (``trained:<v>`` / ``dropped:<reason>``) and counting the
+        trained ones (for ``StreamQueue.ack(..., also=)``)."""
+        trained = list(trained)
+
+        def add(pipe: Any) -> None:
+            if outcomes:
+                pipe.hset(self.key, mapping=dict(outcomes))
+            for task_id in trained:
+                pipe.hincrby(self.trained_key, task_id, 1)
+
+        return add
+
+    def trained_already(self, task_ids: Sequence[str]) -> list[bool]:
+        """Whether the ledger has each task trained (one HMGET)."""
+        if not task_ids:
+            return []
+        states = self.queue.transaction(f"HMGET {self.key}", lambda p: p.hmget(self.key, list(task_ids)))[0]
+        return [s is not None and _s(s).startswith("trained:") for s in states]
+
+    def states(self) -> dict[str, str]:
+        """The whole ledger, task id -> state (for the run directory's ``ledger.json``)."""
+        raw = self.queue.transaction(f"HGETALL {self.key}", lambda p: p.hgetall(self.key))[0]
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    def report(self) -> LedgerReport:
+        """Counts from the durable state: the ledger, the trained counts and the streams' unacked entries."""
+        states = self.states()
+        counts = self.queue.transaction(f"HGETALL {self.trained_key}", lambda p: p.hgetall(self.trained_key))[
+            0
+        ]
+        waiting = {s for s, v in states.items() if v == ADMITTED}
+        unacked: set[str] = set()
+        for stream in STREAM_TYPES:
+            unacked |= self.queue.unacked_ids(stream)
+        dead = waiting & self.queue.dead_letter_ids() - unacked
+        reasons = Counter(v.split(":", 1)[1] for v in states.values() if v.startswith("dropped:"))
+        return LedgerReport(
+            admitted=len(states),
+            trained=sum(v.startswith("trained:") for v in states.values()),
+            dropped=sum(reasons.values()),
+            dropped_by_reason=dict(sorted(reasons.items())),
+            in_flight=len(waiting & unacked),
+            dead_lettered=len(dead),
+            lost=len(waiting - unacked - dead),
+            duplicates=sum(int(c) > 1 for c in counts.values()),
+        )
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
