@@ -3,10 +3,11 @@
 ``lpo:{run}:ledger`` maps task id -> ``admitted`` | ``trained:<version>`` | ``dropped:<reason>``, written in
 the same MULTI/EXEC as the admission (XADD to ``:tasks``) and as the acknowledgement of the trained or
 dropped group (XACK of ``:groups``), so the ledger never disagrees with the streams. ``lpo:{run}:trained``
-counts how often each task was trained: the learner refuses a group whose task the ledger says is trained
-(durable state, not memory), and ``report()`` counts any count above 1 as a duplicate rather than assuming
-none. A task still ``admitted`` is in flight if some stage has not acknowledged its entry, dead-lettered if a
-stage rejected it to ``:dead`` (with the reason there), else lost.
+holds a ``<task>@<version>`` field for every training of a task (idempotent: a transaction re-sent after a
+lost reply writes the same field): the learner refuses a group whose task the ledger says is trained
+(durable state, not memory), and ``report()`` counts a task trained at two versions as a duplicate rather
+than assuming none. A task still ``admitted`` is in flight if some stage has not acknowledged its entry,
+dead-lettered if a stage rejected it to ``:dead`` (with the reason there), else lost.
 """
 
 from __future__ import annotations
@@ -56,16 +57,20 @@ class RunLedger:
 
         return add
 
-    def settling(self, outcomes: Mapping[str, str], trained: Iterable[str] = ()) -> Also:
-        """Commands recording each task's outcome (``trained:<v>`` / ``dropped:<reason>``) and counting the
-        trained ones (for ``StreamQueue.ack(..., also=)``)."""
+    def settling(
+        self, dropped: Mapping[str, str] | None = None, trained: Iterable[str] = (), version: int = -1
+    ) -> Also:
+        """Commands recording ``dropped`` tasks (task -> reason) and the ``trained`` ones at ``version``
+        (for ``StreamQueue.ack(..., also=)``)."""
+        outcomes = {t: f"dropped:{reason}" for t, reason in (dropped or {}).items()}
         trained = list(trained)
+        outcomes |= {t: f"trained:{version}" for t in trained}
 
         def add(pipe: Any) -> None:
             if outcomes:
-                pipe.hset(self.key, mapping=dict(outcomes))
-            for task_id in trained:
-                pipe.hincrby(self.trained_key, task_id, 1)
+                pipe.hset(self.key, mapping=outcomes)
+            if trained:
+                pipe.hset(self.trained_key, mapping={f"{t}@{version}": 1 for t in trained})
 
         return add
 
@@ -84,9 +89,8 @@ class RunLedger:
     def report(self) -> LedgerReport:
         """Counts from the durable state: the ledger, the trained counts and the streams' unacked entries."""
         states = self.states()
-        counts = self.queue.transaction(f"HGETALL {self.trained_key}", lambda p: p.hgetall(self.trained_key))[
-            0
-        ]
+        fields = self.queue.transaction(f"HKEYS {self.trained_key}", lambda p: p.hkeys(self.trained_key))[0]
+        trainings = Counter(_s(f).rsplit("@", 1)[0] for f in fields)
         waiting = {s for s, v in states.items() if v == ADMITTED}
         unacked: set[str] = set()
         for stream in STREAM_TYPES:
@@ -101,7 +105,7 @@ class RunLedger:
             in_flight=len(waiting & unacked),
             dead_lettered=len(dead),
             lost=len(waiting - unacked - dead),
-            duplicates=sum(int(c) > 1 for c in counts.values()),
+            duplicates=sum(n > 1 for n in trainings.values()),
         )
 
 

@@ -103,8 +103,10 @@ class Coordinator:
             with phases("publish"):
                 self.publish()
             # Acked only once the update is published, with the ledger's record in the same transaction.
-            trained = {g.group_id: f"trained:{self.version}" for g in groups}
-            self.queue.ack("groups", entry_ids, also=self.ledger.settling(trained, trained=list(trained)))
+            trained = [g.group_id for g in groups]
+            self.queue.ack(
+                "groups", entry_ids, also=self.ledger.settling(trained=trained, version=self.version)
+            )
             self.intake.mark_trained(groups)
             record = self.record(step, groups, metrics, lags, phases.seconds)
             self.loop_seconds += record["step_s"]
@@ -181,8 +183,8 @@ class Coordinator:
         reason = self.intake.reason_to_drop(entry.message, self.version)
         if reason is not None:
             self.intake.drop(entry.message, reason, self.version)
-            outcome = {} if reason == "duplicate" else {entry.message.group_id: f"dropped:{reason}"}
-            self.queue.ack("groups", [entry.entry_id], also=self.ledger.settling(outcome))
+            dropped = {} if reason == "duplicate" else {entry.message.group_id: reason}
+            self.queue.ack("groups", [entry.entry_id], also=self.ledger.settling(dropped))
         return reason is not None
 
     # ------------------------------------------------------------------ records

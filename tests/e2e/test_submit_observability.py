@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "lpo-training.json"
-STEPS = 8
+STEPS = 6
 RUN = "submitted"
 BIN = Path(sys.executable).parent
 
@@ -199,7 +199,7 @@ def submitted(head: Head, prometheus: str, verifier_service: str, tmp_path_facto
     runs = tmp_path_factory.mktemp("runs")
     _score_some(verifier_service)  # the verifier service's series get real observations too
     overrides = [
-        f"coordinator.steps={STEPS}", "coordinator.eval_every=4", "coordinator.eval_problems=32",
+        f"coordinator.steps={STEPS}", "coordinator.eval_every=3", "coordinator.eval_problems=16",
         f"coordinator.runs_dir={runs}", f"coordinator.run_name={RUN}", "metrics.poll_s=1",
     ]  # fmt: skip
     args = "ARGS=" + " ".join(f"--set {o}" for o in overrides)

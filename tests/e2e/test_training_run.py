@@ -1,10 +1,11 @@
 """Short training runs through the coordinator CLI, the way a user starts one.
 
-The main run must learn while its actors are killed under it: a generator actor's process is SIGKILLed
-early and the verifier worker's later; Ray restarts them, they reclaim the entries the dead ones left
-pending, and the run ends with every admitted task accounted for in the ledger (0 lost, 0 duplicates),
-the final weights version equal to the number of steps, and a Pass@1 gain. A second run with restarts
-disabled proves the watchdog turns a dead stage into a clear error and a non-zero exit.
+The main run must learn while things fail under it: a generator actor's process is SIGKILLed early, the
+verifier worker's later, and then the Redis server (started by the test, AOF on) is restarted. Ray
+restarts the actors, they reclaim the entries the dead ones left pending, every Redis client retries
+through the restart, and the run ends with every admitted task accounted for in the ledger (0 lost,
+0 duplicates), the final weights version equal to the number of steps, and a Pass@1 gain. A second run
+with restarts disabled proves the watchdog turns a dead stage into a clear error and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from services.common.redis_server import EmbeddedRedis
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 # Pass@1 gain (absolute) the short run must show. Calibration (128 held-out problems x 8, lr 1.5e-4-2e-4):
@@ -27,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 # 256 x 8 samples) and a sign-flipped objective moves Pass@1 down (checked once, see the issue notes).
 MIN_GAIN = 0.04
 STEPS = 40
-KILL_GENERATOR_AT, KILL_VERIFIER_AT = 6, 18  # learner steps done when each SIGKILL is sent
+KILL_GENERATOR_AT, KILL_VERIFIER_AT, RESTART_REDIS_AT = 6, 18, 28  # learner steps done at each fault
 
 
 def _coordinator(run_dir: Path, marker: str, *overrides: str) -> subprocess.Popen:
@@ -88,22 +91,28 @@ def _wait_restarted(kind: str, marker: str, dead: int, timeout_s: float = 300) -
     raise AssertionError(f"no new {kind} process within {timeout_s:.0f}s of killing {dead}")
 
 
-def test_run_learns_through_killed_generator_and_verifier(tmp_path: Path) -> None:
+def test_run_learns_through_killed_actors_and_a_redis_restart(tmp_path: Path) -> None:
     marker, run_dir = uuid.uuid4().hex, tmp_path / "faults"
+    server = EmbeddedRedis(appendonly=True).start()  # appendfsync everysec, as deploy/ recommends
     proc = _coordinator(
         run_dir, marker, "coordinator.eval_every=0", f"coordinator.steps={STEPS}",
         "coordinator.eval_problems=256",  # Pass@1 noise ~0.01 at 256 x 8 samples
+        f"queue.redis_url={server.url}",
     )  # fmt: skip
     try:
         _wait_steps(run_dir, KILL_GENERATOR_AT, proc)
         _wait_restarted("GeneratorActor", marker, _kill("GeneratorActor", marker))
         _wait_steps(run_dir, KILL_VERIFIER_AT, proc)  # the run goes on through the new generator
         _wait_restarted("VerifierActor", marker, _kill("VerifierActor", marker))
+        _wait_steps(run_dir, RESTART_REDIS_AT, proc)
+        server.restart()  # SIGTERM (the AOF is flushed), then the same port and data directory
         _, stderr = proc.communicate(timeout=1200)
     finally:
         if proc.poll() is None:
             proc.kill()
+        server.stop()
     assert proc.returncode == 0, stderr[-4000:]
+    assert "; retry 1 in" in stderr  # the Redis restart was felt, and retried through (Backoff's log line)
 
     summary = json.loads((run_dir / "summary.json").read_text())
     for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "curves.png", "ledger.json"):

@@ -42,8 +42,8 @@ def test_every_task_is_accounted_for(redis_server: EmbeddedRedis) -> None:
     q.reject("rollouts", scored[3], "scoring failed: test")  # t3 -> :dead
     groups = q.read("groups", "learner", count=3, block_ms=0)
     assert ledger.trained_already(["t0", "t1"]) == [False, False]
-    q.ack("groups", [groups[0].entry_id], also=ledger.settling({"t0": "trained:1"}, trained=["t0"]))
-    q.ack("groups", [groups[1].entry_id], also=ledger.settling({"t1": "dropped:stale"}))
+    q.ack("groups", [groups[0].entry_id], also=ledger.settling(trained=["t0"], version=1))
+    q.ack("groups", [groups[1].entry_id], also=ledger.settling({"t1": "stale"}))
     # t2's group is read by the learner and not acked yet (in its buffer): in flight.
     assert ledger.trained_already(["t0", "t1", "t2"]) == [True, False, False]
 
@@ -53,8 +53,11 @@ def test_every_task_is_accounted_for(redis_server: EmbeddedRedis) -> None:
         "in_flight": 2, "dead_lettered": 1, "lost": 0, "duplicates": 0,
     }  # fmt: skip
 
+    # A transaction re-sent after a lost reply records the same training: not a duplicate.
+    q.ack("groups", [groups[0].entry_id], also=ledger.settling(trained=["t0"], version=1))
+    assert ledger.report().duplicates == 0
     # A stage that acks t2 without writing its outcome loses it; training t0 again is a duplicate.
     q.ack("groups", [groups[2].entry_id])
-    q.ack("groups", [groups[0].entry_id], also=ledger.settling({"t0": "trained:2"}, trained=["t0"]))
+    q.ack("groups", [groups[0].entry_id], also=ledger.settling(trained=["t0"], version=2))
     report = ledger.report()
     assert (report.lost, report.duplicates, report.in_flight) == (1, 1, 1)
