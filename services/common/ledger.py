@@ -74,12 +74,13 @@ class RunLedger:
 
         return add
 
-    def trained_already(self, task_ids: Sequence[str]) -> list[bool]:
-        """Whether the ledger has each task trained (one HMGET)."""
+    def settled(self, task_ids: Sequence[str]) -> list[bool]:
+        """Whether the ledger has each task trained or dropped already (one HMGET): a group of such a
+        task is a second delivery."""
         if not task_ids:
             return []
         states = self.queue.transaction(f"HMGET {self.key}", lambda p: p.hmget(self.key, list(task_ids)))[0]
-        return [s is not None and _s(s).startswith("trained:") for s in states]
+        return [s is not None and _s(s) != ADMITTED for s in states]
 
     def states(self) -> dict[str, str]:
         """The whole ledger, task id -> state (for the run directory's ``ledger.json``)."""

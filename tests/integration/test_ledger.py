@@ -41,11 +41,11 @@ def test_every_task_is_accounted_for(redis_server: EmbeddedRedis) -> None:
     q.forward("rollouts", [e.entry_id for e in scored[:3]], "groups", [e.message for e in scored[:3]])
     q.reject("rollouts", scored[3], "scoring failed: test")  # t3 -> :dead
     groups = q.read("groups", "learner", count=3, block_ms=0)
-    assert ledger.trained_already(["t0", "t1"]) == [False, False]
+    assert ledger.settled(["t0", "t1"]) == [False, False]
     q.ack("groups", [groups[0].entry_id], also=ledger.settling(trained=["t0"], version=1))
     q.ack("groups", [groups[1].entry_id], also=ledger.settling({"t1": "stale"}))
     # t2's group is read by the learner and not acked yet (in its buffer): in flight.
-    assert ledger.trained_already(["t0", "t1", "t2"]) == [True, False, False]
+    assert ledger.settled(["t0", "t1", "t2"]) == [True, True, False]  # trained, dropped, in flight
 
     report = ledger.report()
     assert report.as_dict() == {

