@@ -5,7 +5,7 @@ Writes bench/results/offpolicy_learning.json (every run's eval curve and final f
 mean/std per setting) and offpolicy_learning.png (Pass@1 against samples consumed).
 The JSON is rewritten after every run (``"complete": false`` until the last), and ``--resume`` skips
 the (setting, lag, seed) runs it already holds, so a long sweep can be continued after an interruption.
-Usage: python bench/offpolicy_learning.py [--steps N] [--seeds 0 1 2] [--lags 0 1 2] [--resume]
+Usage: python bench/offpolicy_learning.py [--steps N] [--seeds 0 1 2] [--lags 0 1 2] [--resume] [--replot]
 """
 
 from __future__ import annotations
@@ -33,8 +33,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lags", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the JSON")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
     args = parser.parse_args()
     out = RESULTS / "offpolicy_learning.json"
+    if args.replot:
+        _plot(json.loads(out.read_text())["runs"], RESULTS / "offpolicy_learning.png")
+        return
     runs: list[dict] = []
     if args.resume and out.is_file():
         previous = json.loads(out.read_text())
@@ -133,24 +137,27 @@ def _table(runs: list[dict]) -> list[dict]:
 
 
 def _plot(runs: list[dict], path: Path) -> None:
+    """Pass@1 (top) and Pass@k (bottom) against samples consumed, one column per lag, mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lags = sorted({r["max_policy_lag"] for r in runs})
-    fig, axes = plt.subplots(1, len(lags), figsize=(4.5 * len(lags), 3.6), sharey=True, squeeze=False)
-    for ax, lag in zip(axes[0], lags, strict=True):
-        for name, color in zip(SETTINGS, ("tab:blue", "tab:cyan", "tab:red"), strict=True):
-            sel = [r for r in runs if r["setting"] == name and r["max_policy_lag"] == lag]
-            if not sel:
-                continue
-            xs = [p["samples"] for p in sel[0]["curve"]]
-            ys = [statistics.mean(r["curve"][i]["pass_at_1"] for r in sel) for i in range(len(xs))]
-            ax.plot(xs, ys, marker="o", color=color, label=name)
-        ax.set_title(f"max_policy_lag = {lag}")
-        ax.set_xlabel("samples consumed")
-    axes[0][0].set_ylabel("held-out Pass@1 (mean over seeds)")
+    fig, axes = plt.subplots(2, len(lags), figsize=(4.5 * len(lags), 6.8), sharey="row", squeeze=False)
+    k = runs[0]["final"]["k"]
+    for row, (metric, label) in enumerate((("pass_at_1", "Pass@1"), ("pass_at_k", f"Pass@{k}"))):
+        for ax, lag in zip(axes[row], lags, strict=True):
+            for name, color in zip(SETTINGS, ("tab:blue", "tab:cyan", "tab:red"), strict=True):
+                sel = [r for r in runs if r["setting"] == name and r["max_policy_lag"] == lag]
+                if not sel:
+                    continue
+                xs = [p["samples"] for p in sel[0]["curve"]]
+                ys = [statistics.mean(r["curve"][i][metric] for r in sel) for i in range(len(xs))]
+                ax.plot(xs, ys, marker="o", color=color, label=f"{name} ({len(sel)} seeds)")
+            ax.set_title(f"max_policy_lag = {lag}")
+            ax.set_xlabel("samples consumed")
+        axes[row][0].set_ylabel(f"held-out {label} (mean over seeds)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
