@@ -47,12 +47,15 @@ run: setup
 # The coordinator as a Ray job on a running cluster: RAY_ADDRESS=http://<head>:8265 make submit [CONFIG=..]
 # [ARGS="--set a.b=c ..."] [SUBMIT_ID=name]. The working dir is uploaded (deploy/ray/runtime_env.yaml
 # says what is left out); the entrypoint runs with the head's `python`.
+# RESUME=runs/<name> continues a killed run instead (its directory must be on storage the head shares).
 ARGS ?=
 SUBMIT_ID ?=
+RESUME ?=
 submit: setup
 	@test -n "$$RAY_ADDRESS" || { echo "make submit: set RAY_ADDRESS to the cluster's jobs API, e.g. RAY_ADDRESS=http://127.0.0.1:8265"; exit 2; }
 	$(VENV)/bin/ray job submit --working-dir . --runtime-env deploy/ray/runtime_env.yaml \
-	  $(if $(SUBMIT_ID),--submission-id $(SUBMIT_ID)) -- python -m services.coordinator --config $(CONFIG) $(ARGS)
+	  $(if $(SUBMIT_ID),--submission-id $(SUBMIT_ID)) -- python -m services.coordinator \
+	  $(if $(RESUME),--resume $(RESUME),--config $(CONFIG)) $(ARGS)
 
 # System packages of the tests (redis-server, bubblewrap, prometheus, npm): installed with apt-get if missing.
 sysdeps:

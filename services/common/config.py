@@ -185,8 +185,11 @@ class LearnerConfig(_Section):
     """Learner ranks (Ray actors, one DeepSpeed process each)."""
     logprob_chunk_tokens: int = Field(1024, ge=16)
     """Tokens per chunk of the vocab projection when computing token log-probs."""
-    checkpoint_every: int = Field(0, ge=0)
-    """Save an HF checkpoint every N steps (0: only at the end)."""
+    checkpoint_every: int = Field(20, ge=0)
+    """Checkpoint every N steps: the DeepSpeed state (weights, optimizer, RNG) and the run's position,
+    which ``--resume`` continues from, plus an HF export. 0: none (a resume replays from the base model)."""
+    keep_checkpoints: int = Field(2, ge=1, le=1000)
+    """DeepSpeed checkpoints kept on disk (the newest ones)."""
     seed: int = Field(0, ge=0)
     """Learner seed (data order within a batch, dropout if any)."""
 

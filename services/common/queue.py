@@ -59,6 +59,11 @@ def _message_id(message: Message) -> str:
     return message.task_id if isinstance(message, RolloutTask) else message.group_id
 
 
+def _entry_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _str(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -412,6 +417,44 @@ class StreamQueue:
         seconds, micros = self._call("TIME", self._redis.time)
         created_ms = int(_str(summary["min"]).split("-")[0])
         return max(0, seconds * 1000 + micros // 1000 - created_ms)
+
+    def fetch(self, stream: str, entry_ids: Sequence[str]) -> list[QueueEntry]:
+        """The entries ``entry_ids`` of ``stream`` (acknowledged or not), in the order asked; a
+        :class:`QueueError` names any that are gone (trimmed). What a resumed learner replays."""
+        key, ids = self.key(stream), list(entry_ids)
+
+        def xranges() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            for i in ids:
+                pipe.xrange(key, i, i)
+            return pipe.execute()
+
+        replies = self._call(f"XRANGE {key} x{len(ids)}", xranges) if ids else []
+        missing = [i for i, r in zip(ids, replies, strict=True) if not r]
+        if missing:
+            raise QueueError(
+                f"{key}: entries {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} are gone; the "
+                "stream was trimmed above a checkpoint (only entries below the checkpointed position may go)"
+            )
+        return self._decoded(stream, self.group(stream), [r[0] for r in replies])
+
+    def trim_acknowledged(self, stream: str) -> int:
+        """Delete the stream's entries below the oldest one its stage still needs: the oldest pending
+        (delivered, not acknowledged) entry, or else the first undelivered one. Everything below was
+        acknowledged. Returns how many entries went. Called only after a checkpoint is durable."""
+        key, group = self.key(stream), self.group(stream)
+        last = _str(self._group_info(stream)["last-delivered-id"])
+        summary = self._call_grouped(f"XPENDING {key}", lambda: self._redis.xpending(key, group))
+        ms, _, seq = last.partition("-")
+        bound = f"{ms}-{int(seq or 0) + 1}"  # the first id after the last delivered one
+        if summary["pending"]:
+            oldest = _str(summary["min"])
+            bound = min(bound, oldest, key=_entry_key)
+        return int(
+            self._call(
+                f"XTRIM {key} MINID {bound}", lambda: self._redis.xtrim(key, minid=bound, approximate=False)
+            )
+        )
 
     def close(self) -> None:
         """Close the connections."""

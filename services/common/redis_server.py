@@ -39,6 +39,7 @@ T = TypeVar("T")
 EMBEDDED = "embedded"
 _LOG_TAIL_LINES = 20
 _START_ATTEMPTS = 3  # fresh ports tried when a picked port was taken in the meantime
+PID_FILE = "server.pid"
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -142,6 +143,7 @@ class EmbeddedRedis:
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="lpo-redis-"))
         self._dir.mkdir(parents=True, exist_ok=True)
+        self._stop_orphan()
         for attempt in range(1, _START_ATTEMPTS + 1):
             if self._port is None:
                 self._port = free_port()
@@ -156,8 +158,29 @@ class EmbeddedRedis:
                 log.warning("port %d was taken before redis-server bound it; trying another", self._port)
                 self._port = None
         _LIVE.add(self)
+        (self._dir / PID_FILE).write_text(f"{self.pid}\n")
         log.info("embedded redis-server pid %d on %s (dir %s)", self.pid, self.url, self._dir)
         return self
+
+    def _stop_orphan(self, grace_s: float = 10.0) -> None:
+        """A server left running on this directory by a killed owner (its pid file names it) is stopped
+        with SIGTERM, which makes it flush its AOF, before a new one opens the same files."""
+        assert self._dir is not None
+        try:
+            pid = int((self._dir / PID_FILE).read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cwd = os.readlink(f"/proc/{pid}/cwd")  # redis-server chdirs to --dir (and rewrites its title)
+        except (OSError, ValueError, IndexError):
+            return
+        if b"redis-server" not in cmdline or Path(cwd) != self._dir.resolve():
+            return  # the pid was reused by an unrelated process
+        log.warning("stopping redis-server pid %d left running on %s by a killed run", pid, self._dir)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
 
     def _args(self) -> list[str]:
         assert self._dir is not None
@@ -246,6 +269,14 @@ class EmbeddedRedis:
         self.stop()
 
 
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waiting for its parent has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 _LIVE: set[EmbeddedRedis] = set()
 
 
@@ -257,11 +288,15 @@ def _stop_all() -> None:
 atexit.register(_stop_all)
 
 
-def connect(redis_url: str) -> tuple[str, EmbeddedRedis | None]:
+def connect(redis_url: str, data_dir: str | Path | None = None) -> tuple[str, EmbeddedRedis | None]:
     """Resolve ``queue.redis_url``: ``embedded`` starts a private server (the caller stops it; atexit does
-    otherwise) and returns its URL; a URL is returned as is with no server."""
+    otherwise) and returns its URL; a URL is returned as is with no server. With ``data_dir`` the embedded
+    server keeps an AOF (everysec) there, so a killed run's queue can be resumed."""
     if redis_url == EMBEDDED:
-        server = EmbeddedRedis().start()
+        if data_dir is None:
+            server = EmbeddedRedis().start()
+        else:
+            server = EmbeddedRedis(data_dir=Path(data_dir).resolve(), appendonly=True).start()
         return server.url, server
     if not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"redis url {redis_url!r} must be 'embedded' or a redis://, rediss://, unix:// URL")

@@ -274,7 +274,12 @@ class RedisWeightTransport:
         payload, manifest = pack(state)
         prefix = self.prefix(version)
         n_chunks = math.ceil(len(payload) / self.chunk_bytes)
-        self._delete_versions([version])  # a republished version must not keep stale extra chunks
+        # A republished version must not keep stale extra chunks; versions above it were published by
+        # the lineage a resumed learner abandoned, and gc must not keep them as "newest".
+        newer = [v for v in self.versions() if v > version]
+        if newer:
+            log.warning("republishing v%d: discarding snapshots %s of the abandoned lineage", version, newer)
+        self._delete_versions([version, *newer])
         self._conn.call(
             f"HSET {self.index_key}", lambda: self._redis.hset(self.index_key, str(version), n_chunks)
         )
@@ -439,6 +444,12 @@ class ObjectStoreWeightTransport:
         payload, manifest = pack(state)
         ref = ray.put(np.frombuffer(payload, dtype=np.uint8))
         registry = self._registry_actor(create=True)
+        newer = [v for v in ray.get(registry.versions.remote(), timeout=self.timeout_s) if v > version]
+        if newer:  # published by the lineage a resumed learner abandoned
+            log.warning("republishing v%d: releasing snapshots %s of the abandoned lineage", version, newer)
+            ray.get(registry.drop.remote(newer), timeout=self.timeout_s)
+            for v in newer:
+                self._refs.pop(v, None)
         ray.get(registry.register.remote(version, [ref]), timeout=self.timeout_s)
         self._refs[version] = ref
         snapshot = WeightSnapshot(version, manifest, len(payload), sha256_hex(payload), self.name, ref.hex())

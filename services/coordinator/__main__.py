@@ -1,6 +1,10 @@
-"""``python -m services.coordinator --config FILE [--set k=v ...] [--dry-run]``."""
+"""``python -m services.coordinator --config FILE [--set k=v ...] [--dry-run]`` or ``--resume RUN_DIR``.
+
+Exit status: 0 done; 2 a config error; 3 a stage stalled (the watchdog); 4 the learner died (continue
+with ``--resume``); 5 the Redis state does not fit the run (a fresh run over an old one's keys)."""
 
 import logging
+from pathlib import Path
 
 from services.coordinator.cli import dry_run, parse_args, resolve
 
@@ -11,14 +15,23 @@ def main() -> None:
     if args.dry_run:
         dry_run(cfg)
         return
-    from services.coordinator.driver import run  # heavy imports (ray, torch) only when running
+    from services.coordinator.driver import RunStateError, run  # heavy imports only when running
     from services.coordinator.watchdog import RunStalled
+    from services.learner.group import LearnerDied
 
+    log = logging.getLogger("lpo.coordinator")
+    run_dir = Path(cfg.coordinator.runs_dir) / cfg.coordinator.run_name
     try:
-        run(cfg)
+        run(cfg, resume=args.resume is not None)
     except RunStalled as exc:  # a stuck stage: say which, exit non-zero (everything started is stopped)
-        logging.getLogger("lpo.coordinator").error("run stalled: %s", exc)
+        log.error("run stalled: %s", exc)
         raise SystemExit(3) from None
+    except LearnerDied as exc:
+        log.error("%s; continue the run with: python -m services.coordinator --resume %s", exc, run_dir)
+        raise SystemExit(4) from None
+    except RunStateError as exc:
+        log.error("%s", exc)
+        raise SystemExit(5) from None
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Command line of the coordinator (the ``ray job submit`` entrypoint): config loading and --dry-run."""
+"""Command line of the coordinator (the ``ray job submit`` entrypoint): config, --resume, --dry-run."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from services.common.config import ConfigError, RunConfig, dump_config, load_config
 
@@ -22,6 +23,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECTION.FIELD=VALUE",
         help="override one field, e.g. --set learner.lr=1e-5 (repeatable)",
     )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the killed run in RUN_DIR (e.g. runs/countdown-tiny) with its config.yaml, from its "
+        "last checkpoint; --set may still override fields (e.g. coordinator.steps to extend it)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     return parser.parse_args(argv)
 
@@ -29,7 +37,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve(args: argparse.Namespace) -> RunConfig:
     """The run config, or exit 2 with the config error on stderr (no traceback for a user mistake)."""
     try:
-        return load_config(args.config, args.overrides)
+        if args.resume is None:
+            return load_config(args.config, args.overrides)
+        run_dir = Path(args.resume)
+        if args.config is not None:
+            raise ConfigError(
+                "--resume uses the run directory's config.yaml; drop --config (use --set to change a field)"
+            )
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(
+                f"--resume {run_dir}: no config.yaml there; give the run directory, e.g. runs/countdown-tiny"
+            )
+        where = [f"coordinator.runs_dir={run_dir.resolve().parent}", f"coordinator.run_name={run_dir.name}"]
+        return load_config(str(run_dir / "config.yaml"), [*args.overrides, *where])
     except ConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from services.common.config import RunConfig
-from services.common.ledger import RunLedger
+from services.common.ledger import RunLedger, both
 from services.common.logs import setup_logging
 from services.common.messages import ResponseGroup
 from services.common.metrics import Metrics
-from services.common.queue import QueueEntry, StreamQueue
+from services.common.queue import STREAM_TYPES, QueueEntry, StreamQueue
 from services.coordinator.admission import policy_lag, to_admit
 from services.coordinator.rundir import RunDir
 from services.coordinator.runtime import Runtime
@@ -45,10 +45,20 @@ class Phases:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-class Coordinator:
-    """One run over live services (``Runtime``); state here is what a resume would restore."""
+class RunStateError(RuntimeError):
+    """The queue's state does not fit what was asked (a fresh run over an old run's keys, a broken resume)."""
 
-    def __init__(self, cfg: RunConfig, rt: Runtime, rundir: RunDir) -> None:
+
+class Coordinator:
+    """One run over live services (``Runtime``); ``resume`` continues the run directory's run.
+
+    State a resume restores: the learner (DeepSpeed checkpoint: weights, optimizer, RNG, version), the
+    snapshot history and drop statistics (``checkpoint.json``), the dataset cursor, drop counts and
+    trained tasks (the ledger in Redis), and the steps trained since the checkpoint (the ledger's step
+    records), which are replayed with exactly the same groups before new ones are collected.
+    """
+
+    def __init__(self, cfg: RunConfig, rt: Runtime, rundir: RunDir, *, resume: bool = False) -> None:
         from transformers import AutoTokenizer
 
         from services.coordinator.tasks import TaskSource, eval_problems, rl_exclusions, training_problems
@@ -71,14 +81,68 @@ class Coordinator:
         self.evals: list[dict[str, Any]] = []
         self._gen_idle: dict[int, float] = {}  # each generator's cumulative idle seconds at the last record
         self.loop_seconds = 0.0
+        self.step = 0  # learner steps done
+        self.replay: dict[int, tuple[int, list[QueueEntry]]] = {}  # step -> (version, its groups' entries)
+        self.published_before: set[tuple[int, str]] = set()  # (version, sha256) published before a resume
+        if resume:
+            self._restore()
+        elif self.ledger.exists():
+            raise RunStateError(
+                f"Redis at {rt.redis_url} already holds the state of a run named "
+                f"{cfg.coordinator.run_name!r}; continue it with --resume {rundir.path}, or choose another "
+                "coordinator.run_name"
+            )
+
+    def _restore(self) -> None:
+        """Continue from the newest checkpoint (or the base model if none was written)."""
+        ckpt = self.rundir.read_checkpoint()
+        if ckpt is not None:
+            version = self.rt.learner.load_checkpoint(str(self.rundir.learner_checkpoints), ckpt["tag"])
+            if version != ckpt["version"]:
+                raise RunStateError(
+                    f"checkpoint {ckpt['tag']} holds v{version}, checkpoint.json says v{ckpt['version']}"
+                )
+            state = ckpt["coordinator"]
+            self.step, self.version = ckpt["step"], version
+            self.intake.history = {int(v): sha for v, sha in state["history"].items()}
+            self.intake.drops.length_hist.update({int(k): n for k, n in state["dropped_length_hist"].items()})
+            self.intake.drops.reward_hist.update(
+                {float(k): n for k, n in state["dropped_reward_hist"].items()}
+            )
+            self.loop_seconds = state["loop_seconds"]
+        report = self.ledger.report()
+        self.intake.drops.by_reason.update(report.dropped_by_reason)
+        self.published_before = self.ledger.publications()
+        self.intake.earlier = {p for p in self.published_before if self.intake.history.get(p[0]) != p[1]}
+        self.tasks.position = self.ledger.cursor()
+        for step, version, ids in self.ledger.steps_after(self.step):
+            self.replay[step] = (version, self.queue.fetch("groups", ids))
+        replayed = {e.message.group_id for _, entries in self.replay.values() for e in entries}
+        self.intake.trained = self.ledger.trained_tasks() - replayed
+        self.rundir.truncate_after(self.step)
+        self.evals = self.rundir.read("eval.jsonl")
+        resume = {
+            "from_step": self.step,
+            "replayed_steps": sorted(self.replay),
+            "cursor": self.tasks.position,
+            "ledger": report.as_dict(),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        self.rundir.log_resume(resume)
+        logger.warning(
+            "resuming %s from step %d (v%d): replaying steps %s, then continuing at task %d",
+            self.cfg.coordinator.run_name, self.step, self.version, sorted(self.replay) or "none",
+            self.tasks.position,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg.coordinator
         started = time.perf_counter()
-        self.publish()  # version 0 = the base weights, with its sha256
-        self.evaluate(step=0)
+        self.publish()  # version 0 = the base weights (or the resumed checkpoint's), with its sha256
+        if not self.evals:
+            self.evaluate(step=0)
         self.rt.start_loops()
         monitor_queue = StreamQueue(self.rt.redis_url, cfg.run_name, block_ms=self.cfg.queue.block_ms)
         monitor = Monitor(self.metrics, monitor_queue, self.rt.generators, self.cfg.metrics.poll_s).start()
@@ -91,36 +155,98 @@ class Coordinator:
 
     def _steps(self) -> None:
         cfg = self.cfg.coordinator
-        progress = _progress(cfg.steps)
-        for step in range(1, cfg.steps + 1):
+        progress = _progress(cfg.steps, self.step)
+        for step in range(self.step + 1, cfg.steps + 1):
             phases = Phases()
             with phases("admit"):
                 self.admit()
             with phases("collect"):
-                groups, entry_ids, lags = self.collect()
+                planned = self.replay.pop(step, None)
+                groups, entry_ids, lags = self.collect() if planned is None else self.replayed(step, *planned)
             with phases("train"):
                 metrics = self.rt.learner.train(groups)
             with phases("publish"):
                 self.publish()
-            # Acked only once the update is published, with the ledger's record in the same transaction.
+            if planned is not None:
+                same = (self.version, self.intake.history[self.version]) in self.published_before
+                self.rundir.log_replay({"step": step, "bit_identical": same})
+                logger.info(
+                    "replayed step %d: weights %s the lost learner's",
+                    step,
+                    "equal" if same else "differ from",
+                )
+            # Acked only once the update is published, with the ledger's record (and the step's, which a
+            # resume replays) in the same transaction. A replayed step writes the same records again.
             trained = [g.group_id for g in groups]
             self.queue.ack(
-                "groups", entry_ids, also=self.ledger.settling(trained=trained, version=self.version)
+                "groups",
+                entry_ids,
+                also=both(
+                    self.ledger.settling(trained=trained, version=self.version),
+                    self.ledger.stepping(step, self.version, entry_ids),
+                ),
             )
             self.intake.mark_trained(groups)
+            self.step = step
             record = self.record(step, groups, metrics, lags, phases.seconds)
             self.loop_seconds += record["step_s"]
             every = self.cfg.learner.checkpoint_every
             if every and step % every == 0 and step < cfg.steps:
-                self.rt.learner.save_hf(str(self.rundir.checkpoints / f"step-{step}"))
+                self.checkpoint()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 self.evaluate(step)
             progress(step, record, self.evals[-1]["pass_at_1"])
+
+    def replayed(
+        self, step: int, version: int, entries: list[QueueEntry]
+    ) -> tuple[list[ResponseGroup], list[str], list[int]]:
+        """A step trained before the run was killed and lost with the learner: the same groups, in the
+        same order, checked on receipt like any others (against the published snapshots)."""
+        if version != self.version + 1:
+            raise RunStateError(
+                f"step {step} was recorded at v{version}; the resumed learner is at v{self.version}"
+            )
+        for e in entries:
+            reason = self.intake.reason_to_drop(e.message, self.version)
+            if reason is not None:
+                raise RunStateError(
+                    f"replaying step {step}: group {e.message.group_id} would be dropped ({reason}); the run "
+                    "directory's checkpoint and the Redis state do not belong together"
+                )
+        groups = [e.message for e in entries]
+        return (
+            groups,
+            [e.entry_id for e in entries],
+            [policy_lag(self.version, g.behavior_version) for g in groups],
+        )
+
+    def checkpoint(self) -> None:
+        """Learner state (every rank) and HF export, then ``checkpoint.json`` (the commit point), then the
+        step records and stream entries it made unnecessary."""
+        tag = f"step-{self.step}"
+        self.rt.learner.save_checkpoint(str(self.rundir.learner_checkpoints), tag)
+        self.rt.learner.save_hf(str(self.rundir.checkpoints / tag))
+        drops = self.intake.drops
+        state = {
+            "history": {str(v): sha for v, sha in self.intake.history.items()},
+            "dropped_length_hist": {str(k): n for k, n in drops.length_hist.items()},
+            "dropped_reward_hist": {str(k): n for k, n in drops.reward_hist.items()},
+            "loop_seconds": self.loop_seconds,
+            "cursor": self.tasks.position,
+        }
+        self.rundir.write_json(
+            "checkpoint.json", {"step": self.step, "version": self.version, "tag": tag, "coordinator": state}
+        )
+        self.ledger.forget_steps_through(self.step)
+        trimmed = {s: self.queue.trim_acknowledged(s) for s in STREAM_TYPES}
+        pruned = self.rundir.prune_checkpoints(self.cfg.learner.keep_checkpoints)
+        logger.info("checkpoint %s written; trimmed %s; pruned %s", tag, trimmed, pruned or "none")
 
     def publish(self) -> None:
         snapshot = self.rt.learner.publish()
         self.version, self.published_bytes = snapshot.version, snapshot.nbytes
         self.intake.record_snapshot(snapshot.version, snapshot.sha256)
+        self.ledger.record_publication(snapshot.version, snapshot.sha256)
 
     def admit(self) -> int:
         """Admit what the lag bound allows now, as one batch (one generator read takes it whole)."""
@@ -136,7 +262,8 @@ class Coordinator:
             c.steps * c.prompts_per_step,
         )
         tasks = [self.tasks.next(admit_version=self.version) for _ in range(n)]
-        self.queue.put_many("tasks", tasks, also=self.ledger.admitting([t.task_id for t in tasks]))
+        also = self.ledger.admitting([t.task_id for t in tasks], cursor=self.tasks.position)
+        self.queue.put_many("tasks", tasks, also=also)
         return n
 
     def collect(self) -> tuple[list[ResponseGroup], list[str], list[int]]:
@@ -305,7 +432,9 @@ class Coordinator:
             "steps": self.cfg.coordinator.steps,
             "wall_seconds": round(wall_s, 2),
             "loop_seconds": round(self.loop_seconds, 2),
-            "trained_groups": len(self.intake.trained),
+            "trained_groups": ledger.trained,
+            "resumes": self.rundir.read("resumes.jsonl"),
+            "replays": self.rundir.read("replays.jsonl"),
             "dropped_groups": self.intake.drops.total,
             "dropped_by_reason": dict(self.intake.drops.by_reason),
             "final_version": self.version,
@@ -318,11 +447,11 @@ class Coordinator:
         return summary
 
 
-def _progress(total: int):
+def _progress(total: int, done: int = 0):
     """A tqdm bar showing step, reward, Pass@1 and step time."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc="LPO", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=done, desc="LPO", unit="step", dynamic_ncols=True)
 
     def update(step: int, record: dict, pass1: float) -> None:
         bar.set_postfix(
@@ -335,13 +464,14 @@ def _progress(total: int):
     return update
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
-    """Start everything, train, write the run directory, stop everything (also on Ctrl-C)."""
+def run(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Start everything, train (or continue the run directory's run), write the run directory, stop
+    everything (also on Ctrl-C)."""
     log = setup_logging("coordinator")
-    rundir = RunDir(cfg)
-    rt = Runtime.start(cfg)
+    rundir = RunDir(cfg, resume=resume)
+    rt = Runtime.start(cfg, redis_dir=rundir.redis_dir)
     try:
-        summary = Coordinator(cfg, rt, rundir).train()
+        summary = Coordinator(cfg, rt, rundir, resume=resume).train()
     finally:
         rt.stop()
     i, f = summary["initial_eval"], summary["final_eval"]

@@ -49,12 +49,13 @@ def evaluate_problems(
     *,
     top_p: float = 1.0,
     max_tokens: int = 64,
-) -> dict[str, float | int]:
+) -> dict[str, float | int | list[int]]:
     """Sample ``n_samples`` responses per problem and score them with the ``task_kind`` verifier rule.
 
     Returns ``pass_at_1`` (expected pass@1: the mean over problems of c/n), ``pass_at_k`` (the mean of
-    the unbiased estimator), ``k``, ``mean_reward`` (over all samples), ``n_problems`` and
-    ``n_samples``. Deterministic in ``seed`` for a given engine and model.
+    the unbiased estimator), ``k``, ``mean_reward`` (over all samples), ``n_problems``,
+    ``n_samples`` and ``correct`` (successes per problem, in order). Deterministic in ``seed`` for a
+    given engine and model.
     """
     # Deferred: importing vLLM is slow and pass_at_k must stay importable without it.
     from services.generator.vllm_backend import sample
@@ -75,20 +76,22 @@ def evaluate_problems(
         max_tokens=max_tokens,
         seed=seed,
     )
-    pass1, passk, rewards = [], [], []
+    pass1, passk, rewards, correct = [], [], [], []
     for problem, group in zip(problems, groups, strict=True):
         verdicts = [rule(r.text, problem.reference) for r in group]
         rewards.extend(v.reward for v in verdicts)
         c = sum(v.reward >= _PASS_REWARD for v in verdicts)
+        correct.append(c)
         pass1.append(c / n_samples)
         passk.append(pass_at_k(n_samples, c, k))
-    result: dict[str, float | int] = {
+    result: dict[str, float | int | list[int]] = {
         "pass_at_1": sum(pass1) / len(pass1),
         "pass_at_k": sum(passk) / len(passk),
         "k": k,
         "mean_reward": sum(rewards) / len(rewards),
         "n_problems": len(problems),
         "n_samples": n_samples,
+        "correct": correct,  # per problem, in order: paired comparisons of two evaluations need them
     }
     logger.info("%s eval in %.1fs: %s", task_kind, time.perf_counter() - started, result)
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,22 @@ from services.common.config import RunConfig, dump_config
 logger = logging.getLogger(__name__)
 
 
+CHECKPOINT = "checkpoint.json"
+
+
 class RunDir:
-    """``runs/<name>/``. A fresh run never overwrites an older one: that is moved aside first."""
+    """``runs/<name>/``. A fresh run never overwrites an older one: that is moved aside first; a resumed
+    run continues in place.
+
+    Checkpoints: ``checkpoints/learner/step-<N>/`` (DeepSpeed), ``checkpoints/step-<N>/`` (HF export) and
+    ``checkpoint.json``, which names the newest complete one and is written last (temp file + rename).
+    ``redis/`` holds the embedded Redis server's AOF.
+    """
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False) -> None:
         self.path = Path(cfg.coordinator.runs_dir) / cfg.coordinator.run_name
+        if resume and not (self.path / "config.yaml").is_file():
+            raise FileNotFoundError(f"--resume {self.path}: no run directory with a config.yaml there")
         if self.path.exists() and not resume:
             aside = self.path.with_name(f"{self.path.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
             self.path.rename(aside)
@@ -28,6 +40,48 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def learner_checkpoints(self) -> Path:
+        return self.path / "checkpoints" / "learner"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.path / "redis"
+
+    def read_checkpoint(self) -> dict[str, Any] | None:
+        """The newest complete checkpoint's record, None before the first one."""
+        path = self.path / CHECKPOINT
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def prune_checkpoints(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` checkpoints (DeepSpeed state and HF export); returns tags."""
+        tags = sorted(
+            (p.name for p in self.learner_checkpoints.glob("step-*") if p.is_dir()),
+            key=lambda t: int(t.split("-")[1]),
+        )
+        old = tags[:-keep]
+        for tag in old:
+            shutil.rmtree(self.learner_checkpoints / tag, ignore_errors=True)
+            shutil.rmtree(self.checkpoints / tag, ignore_errors=True)
+        return old
+
+    def truncate_after(self, step: int) -> None:
+        """Forget the step and eval records after ``step`` (a resumed run writes them again)."""
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            kept = [r for r in self.read(name) if r["step"] <= step]
+            path = self.path / name
+            if path.exists():
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+                tmp.replace(path)
+
+    def log_resume(self, record: dict[str, Any]) -> None:
+        self._append("resumes.jsonl", record)
+
+    def log_replay(self, record: dict[str, Any]) -> None:
+        """A step replayed after a resume, and whether it re-made the lost learner's weights exactly."""
+        self._append("replays.jsonl", record)
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
         with (self.path / name).open("a") as fh:

@@ -124,7 +124,8 @@ class Runtime:
     loops: list[Any] = field(default_factory=list)
 
     @classmethod
-    def start(cls, cfg: RunConfig) -> Runtime:
+    def start(cls, cfg: RunConfig, redis_dir: Path | None = None) -> Runtime:
+        """Start everything; an embedded Redis keeps its AOF in ``redis_dir`` (the run directory's)."""
         from services.common.redis_server import connect
         from services.generator.actor import GeneratorActor
         from services.learner.group import LearnerGroup
@@ -132,7 +133,7 @@ class Runtime:
 
         set_cache_env()
         model_dir = resolve_model(cfg.model.path)
-        redis_url, server = connect(cfg.queue.redis_url)
+        redis_url, server = connect(cfg.queue.redis_url, data_dir=redis_dir)
         rt = cls(cfg=cfg, redis_url=redis_url, model_dir=model_dir, redis_server=server)
         try:
             rt.owns_ray = init_ray(cfg)
@@ -152,6 +153,7 @@ class Runtime:
                 for i in range(cfg.verifier.num_workers)
             ]
             _wait_ready(rt.generators + rt.verifiers, timeout_s=600.0)
+            rt.learner.wait_ready()
         except BaseException:
             rt.stop()
             raise

@@ -49,5 +49,11 @@ class LearnerRank:
             return None
         return self.transport.publish(self.engine.version, state)
 
+    def save_checkpoint(self, root: str, tag: str) -> None:
+        self.engine.save_checkpoint(root, tag)
+
+    def load_checkpoint(self, root: str, tag: str) -> int:
+        return self.engine.load_checkpoint(root, tag)
+
     def save_hf(self, out_dir: str) -> str:
         return str(self.engine.save_hf(out_dir))

@@ -340,6 +340,28 @@ class LearnerEngine:
                         seen.add(id(param))
                         yield name, param.detach().clone()
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, root: str | Path, tag: str) -> None:
+        """A DeepSpeed checkpoint under ``root/tag`` (model, optimizer and scheduler states, on every rank)
+        with the weights version and the torch RNG state; collective: every rank calls it."""
+        client_state = {"lpo_version": self.version, "torch_rng": torch.get_rng_state()}
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+
+    def load_checkpoint(self, root: str | Path, tag: str) -> int:
+        """Restore ``save_checkpoint(root, tag)``; returns the restored weights version."""
+        path, client_state = self.engine.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None or client_state is None or "lpo_version" not in client_state:
+            raise FileNotFoundError(
+                f"no complete learner checkpoint {tag!r} under {root}; resume from an earlier one "
+                "(checkpoint.json names the last one written whole)"
+            )
+        self.version = int(client_state["lpo_version"])
+        torch.set_rng_state(client_state["torch_rng"])
+        return self.version
+
     def save_hf(self, out_dir: str | Path) -> Path:
         """A ``save_pretrained``-compatible checkpoint (config, safetensors, tokenizer) on rank 0."""
         from transformers import AutoTokenizer

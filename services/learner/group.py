@@ -1,8 +1,14 @@
-"""The learner group as the coordinator sees it: N ranks that train on the same batch of groups."""
+"""The learner group as the coordinator sees it: N ranks that train on the same batch of groups.
+
+A rank that dies (its process killed, its node lost) takes the group's in-memory optimizer state with it:
+every call then raises :class:`LearnerDied`, and the run is continued with ``--resume`` from the last
+checkpoint (the coordinator replays the steps trained since).
+"""
 
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import ray
 
@@ -15,6 +21,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class LearnerDied(RuntimeError):
+    """A learner rank died; its state since the last checkpoint is gone."""
 
 
 class LearnerGroup:
@@ -30,19 +40,37 @@ class LearnerGroup:
             )
             for rank in range(n)
         ]
-        ray.get([r.version.remote() for r in self.ranks])
+        self._ready = [r.version.remote() for r in self.ranks]  # constructors run while other actors start
+
+    def wait_ready(self) -> None:
+        self._all("start", self._ready)
+
+    def _all(self, what: str, refs: list[Any]) -> list[Any]:
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as exc:
+            raise LearnerDied(f"a learner rank died during {what}: {exc}") from exc
 
     def train(self, groups: list[ResponseGroup]) -> dict[str, float]:
         ref = ray.put([encode(g) for g in groups])  # one copy in the object store for all ranks
-        return ray.get([r.train_step.remote(ref) for r in self.ranks])[0]
+        return self._all("train", [r.train_step.remote(ref) for r in self.ranks])[0]
 
     def publish(self) -> WeightSnapshot:
-        snapshot = ray.get([r.publish.remote() for r in self.ranks])[0]
+        snapshot = self._all("publish", [r.publish.remote() for r in self.ranks])[0]
         assert snapshot is not None  # rank 0 always publishes
         return snapshot
 
+    def save_checkpoint(self, root: str, tag: str) -> None:
+        self._all("checkpoint", [r.save_checkpoint.remote(root, tag) for r in self.ranks])
+
+    def load_checkpoint(self, root: str, tag: str) -> int:
+        versions = self._all("checkpoint load", [r.load_checkpoint.remote(root, tag) for r in self.ranks])
+        if len(set(versions)) != 1:
+            raise RuntimeError(f"learner ranks restored different versions {versions} from {root}/{tag}")
+        return versions[0]
+
     def save_hf(self, out_dir: str) -> str:
-        return ray.get([r.save_hf.remote(out_dir) for r in self.ranks])[0]
+        return self._all("HF export", [r.save_hf.remote(out_dir) for r in self.ranks])[0]
 
     def shutdown(self) -> None:
         for r in self.ranks:

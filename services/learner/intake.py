@@ -4,6 +4,12 @@ A group is trained only if the policy that sampled it is one the learner publish
 snapshot history *and* the same sha256: behaviour tracking is verified, not assumed), its lag is
 within ``max_policy_lag``, and its id was never trained in this run. Anything else is dropped,
 counted by reason and logged — never trained silently.
+
+After a resume the history is the resumed lineage's; ``earlier`` holds every ``(version, sha256)`` the
+learner published before (read from the ledger). A group sampled by such a snapshot is a real policy of
+this run with recorded behaviour log-probs, so it is trained as any other; only one whose version the
+resumed learner has not reached yet (``rolled_back``: sampled after the checkpoint it resumed from) is
+dropped, and its task replaced.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from services.common.messages import ResponseGroup
 
 logger = logging.getLogger(__name__)
 
-DROP_REASONS = ("stale", "duplicate", "unknown_version", "hash_mismatch")
+DROP_REASONS = ("stale", "duplicate", "unknown_version", "hash_mismatch", "rolled_back")
 _LENGTH_BIN = 8  # tokens per bucket of the response-length histograms
 
 
@@ -60,6 +66,7 @@ class GroupIntake:
     def __init__(self, max_policy_lag: int) -> None:
         self.max_policy_lag = max_policy_lag
         self.history: dict[int, str] = {}
+        self.earlier: set[tuple[int, str]] = set()  # published before the resume this run continues from
         self.trained: set[str] = set()
         self.drops = DropLog()
 
@@ -71,10 +78,14 @@ class GroupIntake:
         if group.group_id in self.trained:
             return "duplicate"
         known = self.history.get(group.behavior_version)
-        if known is None:
-            return "unknown_version"
         if known != group.behavior_sha256:
-            return "hash_mismatch"
+            if (group.behavior_version, group.behavior_sha256) in self.earlier:
+                if group.behavior_version > learner_version:
+                    return "rolled_back"
+            elif known is None:
+                return "unknown_version"
+            else:
+                return "hash_mismatch"
         if learner_version - group.behavior_version > self.max_policy_lag:
             return "stale"
         return None

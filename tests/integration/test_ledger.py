@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
-from services.common.ledger import RunLedger
+from services.common.ledger import RunLedger, both
 from services.common.messages import ResponseGroup, Rollout, RolloutTask
 from services.common.queue import StreamQueue
 from services.common.redis_server import EmbeddedRedis
@@ -61,3 +61,29 @@ def test_every_task_is_accounted_for(redis_server: EmbeddedRedis) -> None:
     q.ack("groups", [groups[0].entry_id], also=ledger.settling(trained=["t0"], version=2))
     report = ledger.report()
     assert (report.lost, report.duplicates, report.in_flight) == (1, 1, 1)
+
+
+def test_resume_state_is_written_with_the_stream_writes(redis_server: EmbeddedRedis) -> None:
+    """The cursor moves with the admission, a step's record with its acknowledgement; a resumed run reads
+    them back, along with every snapshot ever published."""
+    q = StreamQueue(redis_server.url, "resume-state")
+    q.ensure_groups()
+    ledger = RunLedger(q)
+    assert not ledger.exists() and ledger.cursor() == 0 and ledger.steps_after(0) == []
+    tasks = [_task(i) for i in range(4)]
+    q.put_many("tasks", tasks, also=ledger.admitting([t.task_id for t in tasks], cursor=4))
+    assert ledger.exists() and ledger.cursor() == 4
+    ids = q.put_many("groups", [_group(t) for t in tasks])
+    q.read("groups", "learner", count=4, block_ms=0)
+    for step, pair in ((1, ids[:2]), (2, ids[2:])):
+        q.ack("groups", pair, also=both(
+            ledger.settling(trained=[f"t{2 * step - 2}", f"t{2 * step - 1}"], version=step),
+            ledger.stepping(step, step, pair),
+        ))  # fmt: skip
+    assert ledger.steps_after(0) == [(1, 1, ids[:2]), (2, 2, ids[2:])]
+    assert ledger.forget_steps_through(1) == 1 and ledger.steps_after(0) == [(2, 2, ids[2:])]
+    assert ledger.trained_tasks() == {"t0", "t1", "t2", "t3"}
+    ledger.record_publication(0, SHA)
+    ledger.record_publication(1, "a" * 64)
+    ledger.record_publication(1, "b" * 64)  # the same version republished by a resumed learner
+    assert ledger.publications() == {(0, SHA), (1, "a" * 64), (1, "b" * 64)}

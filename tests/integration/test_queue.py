@@ -7,12 +7,13 @@ import hashlib
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import redis
 
 from services.common.messages import ResponseGroup, Rollout, RolloutTask
-from services.common.queue import QueueEntry, StreamQueue
+from services.common.queue import QueueEntry, QueueError, StreamQueue
 from services.common.redis_server import (
     Backoff,
     EmbeddedRedis,
@@ -268,3 +269,40 @@ def test_read_or_claim_prefers_a_dead_consumers_entries(redis_server: EmbeddedRe
     claimed = q.read_or_claim("tasks", "gen-b", count=4, block_ms=0, claim_idle_ms=10)
     assert claimed[0] == orphan and [e.message.task_id for e in claimed] == ["t-1", "t-2"]  # any idle one
     assert q.read_or_claim("tasks", "gen-b", count=4, block_ms=0, claim_idle_ms=None) == []
+
+
+def test_fetch_and_trim_keep_exactly_what_a_resume_needs(redis_server: EmbeddedRedis) -> None:
+    q = _queue(redis_server)
+    tasks = [_task(i) for i in range(6)]
+    ids = q.put_many("groups", [_group(t) for t in tasks])
+    read = q.read("groups", "learner", count=4, block_ms=0)  # t4, t5 stay undelivered
+    q.ack("groups", [read[0].entry_id, read[2].entry_id])  # t1 and t3 stay pending
+    assert [e.message.group_id for e in q.fetch("groups", [ids[2], ids[0]])] == ["t-2", "t-0"]  # acked too
+    assert q.trim_acknowledged("groups") == 1  # only t0 is below the oldest pending entry (t1)
+    assert [e.message.group_id for e in q.fetch("groups", ids[1:])] == ["t-1", "t-2", "t-3", "t-4", "t-5"]
+    with pytest.raises(QueueError, match=f"entries {ids[0]} are gone"):
+        q.fetch("groups", [ids[0]])
+    q.ack("groups", [read[1].entry_id, read[3].entry_id])
+    assert q.trim_acknowledged("groups") == 3  # nothing pending: up to the last delivered one
+    assert q.length("groups") == 2 and len(q.read("groups", "learner", count=9, block_ms=0)) == 2
+
+
+def test_an_orphaned_server_on_the_same_directory_is_stopped_first(tmp_path: Path) -> None:
+    """A killed run leaves its embedded Redis running on the run directory's AOF; the resumed run stops it
+    (SIGTERM flushes the AOF) before opening the same files, and the data is all there."""
+    url, orphan = connect("embedded", data_dir=tmp_path / "redis")
+    assert orphan is not None and orphan.pid is not None
+    redis.Redis.from_url(url).set("k", "v")
+    pid = orphan.pid
+    _, server = connect("embedded", data_dir=tmp_path / "redis")  # as a resumed run does
+    try:
+        assert server is not None and server.pid != pid
+        assert (
+            orphan._proc is not None and orphan._proc.wait(timeout=5) == 0
+        )  # a clean shutdown (reaped here)
+        assert redis.Redis.from_url(server.url).get("k") == b"v"
+        assert redis.Redis.from_url(server.url).config_get("appendonly") == {"appendonly": "yes"}
+    finally:
+        if server is not None:
+            server.stop()
+        orphan._proc = None  # already stopped by the second connect

@@ -27,6 +27,7 @@ from services.common.tiny import (
     build_tiny,
     heldout_problems,
     is_complete,
+    shipped_model_dir,
     train_problems,
 )
 
@@ -134,6 +135,28 @@ def test_build_is_complete_and_reused(model_dir: Path) -> None:
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == weights_mtime
     leftovers = [p for p in model_dir.parent.iterdir() if p.name.startswith(f".{model_dir.name}.tmp-")]
     assert not leftovers, f"temp build folders left over: {leftovers}"
+
+
+def test_the_shipped_model_is_the_build_of_the_default_spec() -> None:
+    shipped = shipped_model_dir()
+    assert is_complete(shipped, TinySpec()), (
+        f"{shipped} is not a complete build of TinySpec() (spec or BUILD_VERSION changed?): run "
+        "`.venv/bin/python -m services.tools build-tiny --force` and copy the folder it names to models/"
+    )
+    assert build_tiny() == shipped
+
+
+def test_a_small_spec_builds_into_its_folder(tmp_path: Path) -> None:
+    """The build itself (the shipped model skips it): train, save, and mark complete."""
+    from transformers import AutoModelForCausalLM
+
+    spec = TinySpec(
+        train_steps=3, batch_size=8, n_train_problems=64, warmup_steps=1, hidden_size=64, num_heads=2
+    )
+    out = build_tiny(tmp_path / "small", spec)
+    assert is_complete(out, spec) and not is_complete(out, TinySpec())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.hidden_size == 64 and build_tiny(tmp_path / "small", spec) == out
 
 
 @pytest.mark.slow

