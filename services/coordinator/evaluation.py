@@ -93,5 +93,6 @@ def evaluate_problems(
         "n_samples": n_samples,
         "correct": correct,  # per problem, in order: paired comparisons of two evaluations need them
     }
-    logger.info("%s eval in %.1fs: %s", task_kind, time.perf_counter() - started, result)
+    brief = {key: value for key, value in result.items() if key != "correct"}
+    logger.info("%s eval in %.1fs: %s", task_kind, time.perf_counter() - started, brief)
     return result
