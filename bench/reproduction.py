@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.05, help="Pass@1 gain for samples-to-threshold")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the JSON")
     parser.add_argument("--replot", action="store_true", help="only redo the tables and PNG from the JSON")
+    parser.add_argument("--markdown", action="store_true", help="print the JSON's tables as markdown (docs)")
     args = parser.parse_args()
     settings = STUDIES[args.study]
     name = f"reproduction_{args.study}"
@@ -63,6 +64,9 @@ def main() -> None:
             raise SystemExit(f"{out} holds {previous['steps']}-step runs, not {args.steps}")
         runs = previous["runs"]
     planned = len(settings) * len(args.seeds)
+    if args.markdown:
+        print(_markdown(json.loads(out.read_text())))
+        return
     if not args.replot:
         done = {(r["setting"], r["seed"]) for r in runs}
         with tempfile.TemporaryDirectory() as tmp:
@@ -166,9 +170,13 @@ def _wins(runs: list[dict]) -> list[dict]:
                     "temperature": t, "lpo": obj, "metric": "pass_at_8" if metric == "pass_at_k" else metric,
                     "seeds": len(pairs), "lpo_wins": sum(d > 0 for d in diffs),
                     "mean_difference": round(statistics.mean(diffs), 4),
-                    "result": "win" if statistics.mean(diffs) > 0 else "loss",
+                    "result": _outcome(statistics.mean(diffs)),
                 })  # fmt: skip
     return rows
+
+
+def _outcome(diff: float) -> str:
+    return "win" if diff > 0 else ("loss" if diff < 0 else "tie")
 
 
 def _save(name: str, args: argparse.Namespace, runs: list[dict], planned: int) -> None:
@@ -185,6 +193,32 @@ def _save(name: str, args: argparse.Namespace, runs: list[dict], planned: int) -
         payload["wins"] = _wins(runs)
     write_result(name, payload)
     _plot(runs, RESULTS / f"{name}.png")
+
+
+def _markdown(result: dict) -> str:
+    """The result's tables as markdown (what docs/RESULTS.md quotes)."""
+    reach_header = f"samples to +{result['threshold']:.2f} Pass@1 (runs reaching it)"
+    lines = [
+        f"| setting | seeds | Pass@1 | Pass@8 | {reach_header} | entropy, last 10 steps | grad norm |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["table"]:
+        reach = r["samples_to_threshold_median"]
+        lines.append(
+            f"| {r['setting']} | {r['seeds']} | {r['pass_at_1_mean']:.3f} +- {r['pass_at_1_std']:.3f} "
+            f"| {r['pass_at_8_mean']:.3f} +- {r['pass_at_8_std']:.3f} "
+            f"| {'-' if reach is None else int(reach)} ({r['runs_reaching_threshold']}/{r['seeds']}) "
+            f"| {r['entropy_last10_mean']:.3f} | {r['grad_norm_mean']:.2f} |"
+        )
+    if result.get("wins"):
+        lines += ["", "| temperature | LPO | metric | LPO better (seeds) | mean difference vs PG | result |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for w in result["wins"]:
+            lines.append(
+                f"| {w['temperature']} | {w['lpo']} | {w['metric']} | {w['lpo_wins']}/{w['seeds']} "
+                f"| {w['mean_difference']:+.4f} | {w['result']} |"
+            )
+    return "\n".join(lines)
 
 
 def _plot(runs: list[dict], path: Path) -> None:
