@@ -37,3 +37,28 @@ def write_result(name: str, payload: dict) -> Path:
     out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def synthetic_groups(groups: int, k: int, prompt_tokens: int, response_tokens: int, vocab: int) -> list:
+    """Scored ``ResponseGroup``s of random tokens, behaviour log-probs and 0/1 rewards (seeded): a
+    learner batch of a given shape, for the step-time benchmarks."""
+    import numpy as np
+
+    from services.common.messages import ResponseGroup, Rollout, RolloutTask
+
+    rng = np.random.default_rng(0)
+    out = []
+    for g in range(groups):
+        prompt = rng.integers(10, vocab, prompt_tokens).tolist()
+        task = RolloutTask(f"t{g}", prompt, "p", "countdown", {"nums": [1, 2], "target": 3}, k)
+        rollouts = tuple(
+            Rollout(
+                rng.integers(10, vocab, response_tokens).tolist(),
+                (-rng.random(response_tokens)).tolist(),
+                "length",
+            )
+            for _ in range(k)
+        )
+        rewards = tuple(float(x) for x in rng.integers(0, 2, k))
+        out.append(ResponseGroup(task, rollouts, 0, "0" * 64).with_rewards(rewards, ("pass",) * k))
+    return out

@@ -27,12 +27,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, synthetic_groups  # bench/common.py (puts the repository on sys.path)
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU
 
@@ -79,12 +77,9 @@ def _install_logprob_path(kind: str) -> str:
 
     def variant(model, input_ids, attention_mask, positions, mask, *, chunk_tokens=1024, temperature=1.0,
                 with_entropy=False):  # fmt: skip
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        head = model.get_output_embeddings()
+        hidden, flat_h, flat_y = logprobs.response_rows(model, input_ids, attention_mask, positions, mask)
         n, t = positions.shape
-        prev = (positions - 1).clamp(min=0)
-        rows = torch.arange(n, device=input_ids.device).unsqueeze(1).expand(n, t)
-        flat_h, flat_y = hidden[rows[mask], prev[mask]], input_ids[rows[mask], positions[mask]]
         if kind == "naive":
             logits = head(flat_h).float() / temperature
             flat = logits.gather(-1, flat_y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
@@ -96,25 +91,6 @@ def _install_logprob_path(kind: str) -> str:
 
     engine_mod.response_logprobs = variant
     return "naive (full-vocab fp32 logits)" if kind == "naive" else f"fused ({fused[1]})"
-
-
-def _batch(seqs: int, prompt: int, response: int, k: int, vocab: int):
-    import numpy as np
-
-    from services.common.messages import ResponseGroup, Rollout, RolloutTask
-
-    rng = np.random.default_rng(0)
-    groups = []
-    for g in range(seqs // k):
-        task = RolloutTask(f"t{g}", rng.integers(10, vocab, prompt).tolist(), "p", "countdown",
-                           {"nums": [1, 2], "target": 3}, k)  # fmt: skip
-        rollouts = tuple(
-            Rollout(rng.integers(10, vocab, response).tolist(), (-rng.random(response)).tolist(), "length")
-            for _ in range(k)
-        )
-        rewards = tuple(float(x) for x in rng.integers(0, 2, k))
-        groups.append(ResponseGroup(task, rollouts, 0, "0" * 64).with_rewards(rewards, ("pass",) * k))
-    return groups
 
 
 def _model_dir(tmp: Path, smoke: bool) -> tuple[Path, int]:
@@ -182,7 +158,7 @@ def main() -> None:
                                     "learner.micro_batch_groups=1", f"learner.zero_stage={args.zero}",
                                     "learner.lr=1e-6"])  # fmt: skip
             engine = LearnerEngine(str(model_dir), cfg.learner, dtype=dtype)
-            groups = _batch(seqs, prompt, response, 8, engine.module.config.vocab_size)
+            groups = synthetic_groups(seqs // 8, 8, prompt, response, engine.module.config.vocab_size)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()

@@ -19,29 +19,9 @@ import argparse
 import statistics
 import time
 
-from common import write_result
+from common import synthetic_groups, write_result
 
 OBJECTIVES = ("pg", "lpo_fwd", "lpo_rev")
-
-
-def _batch(groups: int, k: int, tokens: int, vocab: int):
-    import numpy as np
-
-    from services.common.messages import ResponseGroup, Rollout, RolloutTask
-
-    rng = np.random.default_rng(0)
-    out = []
-    for g in range(groups):
-        task = RolloutTask(
-            f"t{g}", rng.integers(3, vocab, 24).tolist(), "p", "countdown", {"nums": [1, 2], "target": 3}, k
-        )
-        rollouts = tuple(
-            Rollout(rng.integers(3, vocab, tokens).tolist(), (-rng.random(tokens) * 2).tolist(), "length")
-            for _ in range(k)
-        )
-        rewards = tuple(float(x) for x in rng.integers(0, 2, k))
-        out.append(ResponseGroup(task, rollouts, 0, "0" * 64).with_rewards(rewards, ("pass",) * k))
-    return out
 
 
 def main() -> None:
@@ -70,7 +50,7 @@ def main() -> None:
         )
         engine = LearnerEngine(model_dir, cfg.learner)
         vocab = engine.module.config.vocab_size
-        groups = _batch(16, 8, 48, vocab)
+        groups = synthetic_groups(16, 8, 24, 48, vocab)
         engine.train_step(groups)  # warm-up
         times, metrics = [], {}
         for _ in range(args.steps):

@@ -59,7 +59,8 @@ def _message_id(message: Message) -> str:
     return message.task_id if isinstance(message, RolloutTask) else message.group_id
 
 
-def _entry_key(entry_id: str) -> tuple[int, int]:
+def entry_order(entry_id: str) -> tuple[int, int]:
+    """Redis stream ids ``<ms>-<seq>`` in numeric order (string order breaks at digit-count changes)."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
@@ -445,11 +446,10 @@ class StreamQueue:
         key, group = self.key(stream), self.group(stream)
         last = _str(self._group_info(stream)["last-delivered-id"])
         summary = self._call_grouped(f"XPENDING {key}", lambda: self._redis.xpending(key, group))
-        ms, _, seq = last.partition("-")
-        bound = f"{ms}-{int(seq or 0) + 1}"  # the first id after the last delivered one
+        ms, seq = entry_order(last)
+        bound = f"{ms}-{seq + 1}"  # the first id after the last delivered one
         if summary["pending"]:
-            oldest = _str(summary["min"])
-            bound = min(bound, oldest, key=_entry_key)
+            bound = min(bound, _str(summary["min"]), key=entry_order)
         return int(
             self._call(
                 f"XTRIM {key} MINID {bound}", lambda: self._redis.xtrim(key, minid=bound, approximate=False)

@@ -219,6 +219,15 @@ def latest_snapshot(redis_url: str, run: str) -> WeightSnapshot | None:
         conn.client.close()
 
 
+def _abandoned(stored: list[int], version: int) -> list[int]:
+    """Stored versions above the one being published: the lineage a resumed learner abandoned, which
+    must go (gc keeps the newest versions, and would keep those instead of the live one)."""
+    newer = [v for v in stored if v > version]
+    if newer:
+        log.warning("publishing v%d: discarding snapshots %s of the abandoned lineage", version, newer)
+    return newer
+
+
 def _check_transport(snapshot: WeightSnapshot, name: str) -> None:
     if snapshot.transport != name:
         raise WeightTransportError(
@@ -276,10 +285,7 @@ class RedisWeightTransport:
         n_chunks = math.ceil(len(payload) / self.chunk_bytes)
         # A republished version must not keep stale extra chunks; versions above it were published by
         # the lineage a resumed learner abandoned, and gc must not keep them as "newest".
-        newer = [v for v in self.versions() if v > version]
-        if newer:
-            log.warning("republishing v%d: discarding snapshots %s of the abandoned lineage", version, newer)
-        self._delete_versions([version, *newer])
+        self._delete_versions([version, *_abandoned(self.versions(), version)])
         self._conn.call(
             f"HSET {self.index_key}", lambda: self._redis.hset(self.index_key, str(version), n_chunks)
         )
@@ -444,9 +450,8 @@ class ObjectStoreWeightTransport:
         payload, manifest = pack(state)
         ref = ray.put(np.frombuffer(payload, dtype=np.uint8))
         registry = self._registry_actor(create=True)
-        newer = [v for v in ray.get(registry.versions.remote(), timeout=self.timeout_s) if v > version]
-        if newer:  # published by the lineage a resumed learner abandoned
-            log.warning("republishing v%d: releasing snapshots %s of the abandoned lineage", version, newer)
+        newer = _abandoned(ray.get(registry.versions.remote(), timeout=self.timeout_s), version)
+        if newer:
             ray.get(registry.drop.remote(newer), timeout=self.timeout_s)
             for v in newer:
                 self._refs.pop(v, None)

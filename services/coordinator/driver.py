@@ -19,13 +19,13 @@ from services.common.ledger import RunLedger, both
 from services.common.logs import setup_logging
 from services.common.messages import ResponseGroup
 from services.common.metrics import Metrics
-from services.common.queue import STREAM_TYPES, QueueEntry, StreamQueue
+from services.common.queue import STREAM_TYPES, QueueEntry, StreamQueue, entry_order
 from services.coordinator.admission import policy_lag, to_admit
 from services.coordinator.rundir import RunDir
 from services.coordinator.runtime import Runtime
 from services.coordinator.telemetry import Monitor, StepExporter
 from services.coordinator.watchdog import Watchdog
-from services.learner.intake import GroupIntake, entry_order, length_histogram
+from services.learner.intake import GroupIntake, length_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -232,8 +232,7 @@ class Coordinator:
             "dropped_length_hist": {str(k): n for k, n in drops.length_hist.items()},
             "dropped_reward_hist": {str(k): n for k, n in drops.reward_hist.items()},
             "loop_seconds": self.loop_seconds,
-            "cursor": self.tasks.position,
-        }
+        }  # the dataset cursor and drop counts live in Redis, written with the admissions and acks
         self.rundir.write_json(
             "checkpoint.json", {"step": self.step, "version": self.version, "tag": tag, "coordinator": state}
         )

@@ -26,12 +26,6 @@ DROP_REASONS = ("stale", "duplicate", "unknown_version", "hash_mismatch", "rolle
 _LENGTH_BIN = 8  # tokens per bucket of the response-length histograms
 
 
-def entry_order(entry_id: str) -> tuple[int, int]:
-    """Redis stream ids ``<ms>-<seq>`` in numeric order (string order breaks at digit-count changes)."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 @dataclass
 class DropLog:
     """Counts and shapes of dropped groups, so a reader can see whether dropping biases training

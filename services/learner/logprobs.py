@@ -31,6 +31,23 @@ def _chunk_entropy(hidden: torch.Tensor, head: torch.nn.Module, temperature: flo
     return -(logp.exp() * logp).sum(-1)
 
 
+def response_rows(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder's ``(N, L, H)`` hidden states, and for the response tokens only: the ``(M, H)`` hidden
+    rows that predict them (the token at position p is predicted by the state at p - 1) and the ``(M,)``
+    token ids."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    n, t = positions.shape
+    prev = (positions - 1).clamp(min=0)
+    rows = torch.arange(n, device=input_ids.device).unsqueeze(1).expand(n, t)
+    return hidden, hidden[rows[mask], prev[mask]], input_ids[rows[mask], positions[mask]]
+
+
 def response_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -50,15 +67,9 @@ def response_logprobs(
     entropy of the full next-token distribution at those positions (no grad).
     ``temperature`` divides the logits, matching an engine that reports sampling-time log-probs.
     """
-    decoder = model.get_decoder()
     head = model.get_output_embeddings()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, L, H)
+    hidden, flat_h, flat_y = response_rows(model, input_ids, attention_mask, positions, mask)
     n, t = positions.shape
-    # The token at position p is predicted by the hidden state at p - 1.
-    prev = (positions - 1).clamp(min=0)
-    rows = torch.arange(n, device=input_ids.device).unsqueeze(1).expand(n, t)
-    flat_h = hidden[rows[mask], prev[mask]]  # (M, H) response rows only
-    flat_y = input_ids[rows[mask], positions[mask]]  # (M,)
     pieces, entropies = [], []
     for start in range(0, flat_h.shape[0], chunk_tokens):
         h, y = flat_h[start : start + chunk_tokens], flat_y[start : start + chunk_tokens]

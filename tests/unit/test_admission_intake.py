@@ -9,8 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.common.messages import ResponseGroup, Rollout, RolloutTask
+from services.common.queue import entry_order
 from services.coordinator.admission import admission_limit, policy_lag, to_admit
-from services.learner.intake import GroupIntake, entry_order
+from services.learner.intake import GroupIntake
 
 SHA = {v: hashlib.sha256(f"v{v}".encode()).hexdigest() for v in range(16)}
 
