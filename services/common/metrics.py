@@ -12,7 +12,10 @@ without ``_total`` (Ray appends it), no unit on ratios.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -122,16 +125,87 @@ def exported_names() -> set[str]:
     return out
 
 
+def _report_interval_s() -> float:
+    """Ray's export cadence in this process: ``max(metrics_report_interval_ms, 1000)`` ms."""
+    try:
+        import ray
+
+        return max(float(ray._config.metrics_report_interval_ms()), 1000.0) / 1000.0
+    except Exception:  # noqa: BLE001 - an older or unstarted Ray: Ray's default cadence
+        return 10.0
+
+
+class GaugeKeeper:
+    """Re-records the last value of every gauge series of this process once per report interval.
+
+    Ray's metrics agent keeps a gauge series only for two export intervals after it was last recorded
+    (ray-project/ray#64633, in the pinned 2.60): a gauge set once, or less often than every ~20 s,
+    vanishes from ``/metrics`` and Prometheus. Ours carry state that changes rarely (the weights
+    version, the last step's timestamp, eval Pass@1, the expected generator count, every learner
+    gauge when a step takes minutes), and the alert rules and dashboard read them between changes, so
+    each process keeps its values alive until it exits (when the series should age out) or the
+    ``Metrics`` is closed. One daemon thread per process, started with the first kept gauge."""
+
+    def __init__(self, period_s: float | None = None) -> None:
+        self.period_s = period_s
+        self._lock = threading.Lock()
+        self._values: dict[tuple[int, str, tuple[tuple[str, str], ...]], tuple[Any, dict, float]] = {}
+        self.tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def keep(self, owner: int, metric: Any, name: str, tags: dict[str, str], value: float) -> None:
+        with self._lock:
+            self._values[(owner, name, tuple(sorted(tags.items())))] = (metric, tags, value)
+            if self._thread is None:
+                if self.period_s is None:
+                    self.period_s = _report_interval_s() / 2.0
+                self._thread = threading.Thread(target=self._loop, name="lpo-gauge-keeper", daemon=True)
+                self._thread.start()
+
+    def forget(self, owner: int) -> None:
+        with self._lock:
+            for key in [k for k in self._values if k[0] == owner]:
+                del self._values[key]
+
+    def refresh(self) -> int:
+        """Re-record every kept value now; returns how many (called by the thread, and by tests)."""
+        with self._lock:
+            kept = list(self._values.values())
+        for metric, tags, value in kept:
+            try:
+                metric.set(value, tags=tags)
+            except Exception:  # noqa: BLE001 - telemetry never takes the process down
+                logger.debug("gauge refresh failed", exc_info=True)
+        return len(kept)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.period_s or 5.0)
+            self.refresh()
+
+
+_KEEPER = GaugeKeeper()
+
+
 class Metrics:
     """Records the metrics of ``SPECS`` for one run from one process. Disabled (``metrics.enabled:
-    false``) or outside Ray it records nothing, so pure-logic code and unit tests can hold one."""
+    false``) or outside Ray it records nothing, so pure-logic code and unit tests can hold one.
+    Gauges stay exported at their last value until :meth:`close` or the process ends (``GaugeKeeper``)."""
 
-    def __init__(self, run: str, *, enabled: bool = True, **tags: str) -> None:
+    def __init__(
+        self, run: str, *, enabled: bool = True, keeper: GaugeKeeper | None = None, **tags: str
+    ) -> None:
         import ray
 
         self.run, self.tags = run, {k: str(v) for k, v in tags.items()}
         self.enabled = enabled and ray.is_initialized()
         self._made: dict[str, Any] = {}
+        self._keeper = keeper or _KEEPER
+        self._token = next(self._keeper.tokens)
+
+    def close(self) -> None:
+        """Stop re-recording this recorder's gauges (their series then age out in two intervals)."""
+        self._keeper.forget(self._token)
 
     def _metric(self, name: str) -> Any:
         metric = self._made.get(name)
@@ -183,7 +257,9 @@ class Metrics:
         """Set a gauge."""
         checked = self._tags(name, tags)
         if self.enabled:
-            self._metric(name).set(float(value), tags=checked)
+            metric = self._metric(name)
+            metric.set(float(value), tags=checked)
+            self._keeper.keep(self._token, metric, name, checked, float(value))
 
     def observe(self, name: str, value: float, **tags: Any) -> None:
         """Add one observation to a histogram."""

@@ -469,9 +469,13 @@ def run(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     log = setup_logging("coordinator")
     rundir = RunDir(cfg, resume=resume)
     rt = Runtime.start(cfg, redis_dir=rundir.redis_dir)
+    coordinator = None
     try:
-        summary = Coordinator(cfg, rt, rundir, resume=resume).train()
+        coordinator = Coordinator(cfg, rt, rundir, resume=resume)
+        summary = coordinator.train()
     finally:
+        if coordinator is not None:
+            coordinator.metrics.close()  # its gauges stop being re-recorded with the run
         rt.stop()
     i, f = summary["initial_eval"], summary["final_eval"]
     log.info("run directory: %s", rundir.path)

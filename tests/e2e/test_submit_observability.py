@@ -6,6 +6,7 @@ evaluates. The head, Prometheus and the verifier are stopped by PID (never ``ray
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -283,6 +284,21 @@ def test_run_series_carry_the_run_and_match_the_run_directory(submitted: Submitt
     assert peak(f'max(ray_lpo_learner_weights_version{{run="{RUN}"}})') == STEPS
     assert peak(f'sum(ray_lpo_policy_lag_bucket{{run="{RUN}",le="0.5"}})') == STEPS * 16  # all at lag 0
     assert peak(f'max(ray_lpo_generators_alive{{run="{RUN}"}})') == 1
+
+
+def test_gauges_set_once_stay_exported_for_the_whole_run(submitted: Submitted, prometheus: str) -> None:
+    # Ray drops a gauge series not re-recorded within two report intervals; the expected generator count
+    # is set once when the run starts and must still be there (without a gap) when the last step lands.
+    [expected] = _query_range(
+        prometheus, f'ray_lpo_generators_expected{{run="{RUN}"}}', submitted.started, submitted.ended
+    )
+    times = [float(t) for t, _ in expected["values"]]
+    assert all(b - a == 2.0 for a, b in itertools.pairwise(times)), times  # the range query's 2 s step
+    [steps] = _query_range(
+        prometheus, f'max(ray_lpo_learner_steps_total{{run="{RUN}"}})', submitted.started, submitted.ended
+    )
+    last_step_at = min(float(t) for t, v in steps["values"] if float(v) == STEPS)
+    assert times[0] < last_step_at <= times[-1], (times[0], last_step_at, times[-1])
 
 
 def test_every_alert_rule_loads_and_evaluates(submitted: Submitted, prometheus: str) -> None:

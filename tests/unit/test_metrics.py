@@ -109,3 +109,43 @@ def test_evaluation_export() -> None:
     m = _Recording()
     StepExporter(m, 0).evaluation({"pass_at_1": 0.3, "pass_at_k": 0.6, "k": 8})
     assert ("set", "lpo_eval_pass_at_k", 0.6, {"k": 8}) in m.calls
+
+
+class _FakeGauge:
+    def __init__(self) -> None:
+        self.points: list[tuple[float, dict]] = []
+
+    def set(self, value: float, tags: dict) -> None:
+        self.points.append((value, tags))
+
+
+def test_gauge_keeper_re_records_the_last_value_of_each_series_until_forgotten() -> None:
+    # Ray's agent drops a gauge series not re-recorded within two report intervals; the keeper re-records
+    # the last value per (recorder, name, tags) and stops for a closed recorder.
+    from services.common.metrics import GaugeKeeper
+
+    keeper = GaugeKeeper(period_s=3600.0)  # the thread never fires here; refresh() is called directly
+    a, b = _FakeGauge(), _FakeGauge()
+    first, second = next(keeper.tokens), next(keeper.tokens)
+    keeper.keep(first, a, "lpo_queue_length", {"stream": "tasks"}, 1.0)
+    keeper.keep(first, a, "lpo_queue_length", {"stream": "tasks"}, 4.0)  # replaces, never accumulates
+    keeper.keep(first, a, "lpo_queue_length", {"stream": "rollouts"}, 2.0)
+    keeper.keep(second, b, "lpo_learner_weights_version", {}, 7.0)
+    assert keeper.refresh() == 3
+    latest = sorted(a.points[-2:], key=lambda p: p[1]["stream"])
+    assert latest == [(2.0, {"stream": "rollouts"}), (4.0, {"stream": "tasks"})]
+    assert b.points[-1] == (7.0, {})
+    keeper.forget(first)
+    assert keeper.refresh() == 1 and b.points[-1] == (7.0, {})
+    keeper.forget(second)
+    assert keeper.refresh() == 0
+
+
+def test_a_disabled_recorder_keeps_nothing() -> None:
+    from services.common.metrics import GaugeKeeper
+
+    keeper = GaugeKeeper(period_s=3600.0)
+    m = Metrics("r", enabled=False, keeper=keeper)
+    m.set("lpo_learner_ess", 0.5)
+    assert keeper.refresh() == 0
+    m.close()
