@@ -96,6 +96,7 @@ bench: $(addprefix bench-,$(BENCHES))
 bench-reproduction: setup
 	$(PY) bench/reproduction.py --study main
 	$(PY) bench/reproduction.py --study ablation
+	$(PY) bench/reproduction.py --study norms
 
 bench-%: setup
 	$(PY) bench/$*.py

@@ -5,7 +5,10 @@
 (``--steps`` x 16 prompts x 8 responses), several seeds (generator and learner seeds; the data and the
 held-out set are fixed). ``--study ablation``: ``lpo_fwd`` against ``pointwise`` (listwise vs
 pointwise target) and ``lpo_fwd`` against ``pg`` at K = 4, 8, 16 (same prompts per step, so the samples
-budget grows with K), at the GRPO temperature.
+budget grows with K), at the GRPO temperature. ``--study norms``: ``pg`` and ``lpo_fwd`` (GRPO
+temperature) with the gradient clip of the main study (1.0) and without one, logging the norm of each
+step's weight change (``learner.log_update_norm``): whether the two objectives' very different gradient
+norms reach the weights through Adam as different step sizes, and whether the clip changes the outcome.
 
 Per run it keeps the eval curve (expected Pass@1 and Pass@8 on 128 held-out problems x 8 samples at
 temperature 0.6) and the per-step sampled-token entropy, gradient norm and response length. The JSON
@@ -26,6 +29,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import yaml
 from common import RESULTS, read_jsonl, run_coordinator, write_result
 
 TEMPERATURES = ("grpo", "drgrpo", "maxrl")
@@ -39,8 +43,15 @@ ABLATION = {
         for obj in ("lpo_fwd", "pg")
     },  # fmt: skip
 }
-STUDIES = {"main": MAIN, "ablation": ABLATION}
+NORMS = {
+    f"{obj}/{clip}": [f"learner.objective={obj}", "learner.log_update_norm=true",
+                      *(["learner.grad_clip=1e9"] if clip == "noclip" else [])]
+    for clip in ("clip1", "noclip")
+    for obj in ("pg", "lpo_fwd")
+}  # fmt: skip
+STUDIES = {"main": MAIN, "ablation": ABLATION, "norms": NORMS}
 CURVES = ("entropy", "grad_norm", "response_length_mean")
+OPTIONAL_CURVES = ("update_norm",)  # only where the run logged it (learner.log_update_norm)
 
 
 def main() -> None:
@@ -98,6 +109,8 @@ def _run(setting: str, overrides: list[str], seed: int, args: argparse.Namespace
     )
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = read_jsonl(run_dir / "metrics.jsonl")
+    grad_clip = float(yaml.safe_load((run_dir / "config.yaml").read_text())["learner"]["grad_clip"])
+    keys = CURVES + tuple(k for k in OPTIONAL_CURVES if k in steps[0])
     per_step = steps[0]["groups"] * int(_group_size(setting))
     curve = [
         {"samples": e["step"] * per_step, "pass_at_1": e["pass_at_1"], "pass_at_k": e["pass_at_k"]}
@@ -110,7 +123,8 @@ def _run(setting: str, overrides: list[str], seed: int, args: argparse.Namespace
         "wall_s": summary["wall_seconds"],
         "samples_per_step": per_step,
         "curve": curve,
-        "per_step": {key: [s[key] for s in steps] for key in CURVES},
+        "grad_clip": grad_clip,
+        "per_step": {key: [s[key] for s in steps] for key in keys},
         "final": summary["final_eval"],
         "initial": summary["initial_eval"],
     }
@@ -148,6 +162,13 @@ def _table(runs: list[dict], threshold: float) -> list[dict]:
             "entropy_last10_mean": round(statistics.mean(x for r in sel for x in _last(r, "entropy")), 4),
             "grad_norm_mean": round(statistics.mean(x for r in sel for x in r["per_step"]["grad_norm"]), 3),
         })  # fmt: skip
+        if all("grad_clip" in r for r in sel):
+            norms = [(x, r["grad_clip"]) for r in sel for x in r["per_step"]["grad_norm"]]
+            rows[-1]["steps_clipped_share"] = round(sum(x > c for x, c in norms) / len(norms), 3)
+        if all("update_norm" in r["per_step"] for r in sel):
+            ups = [x for r in sel for x in r["per_step"]["update_norm"]]
+            rows[-1]["update_norm_mean"] = round(statistics.mean(ups), 5)
+            rows[-1]["update_norm_cv"] = round(statistics.pstdev(ups) / statistics.mean(ups), 3)
     return rows
 
 
@@ -198,17 +219,24 @@ def _save(name: str, args: argparse.Namespace, runs: list[dict], planned: int) -
 def _markdown(result: dict) -> str:
     """The result's tables as markdown (what docs/RESULTS.md quotes)."""
     reach_header = f"samples to +{result['threshold']:.2f} Pass@1 (runs reaching it)"
+    norms = all("update_norm_mean" in r for r in result["table"])
+    extra = " steps clipped | update norm (cv) |" if norms else ""
     lines = [
-        f"| setting | seeds | Pass@1 | Pass@8 | {reach_header} | entropy, last 10 steps | grad norm |",
-        "|---|---|---|---|---|---|---|",
+        f"| setting | seeds | Pass@1 | Pass@8 | {reach_header} | entropy, last 10 steps | grad norm |{extra}",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if norms else ""),
     ]
     for r in result["table"]:
         reach = r["samples_to_threshold_median"]
+        cells = (
+            f" {r['steps_clipped_share']:.0%} | {r['update_norm_mean']:.4f} ({r['update_norm_cv']:.2f}) |"
+            if norms
+            else ""
+        )
         lines.append(
             f"| {r['setting']} | {r['seeds']} | {r['pass_at_1_mean']:.3f} +- {r['pass_at_1_std']:.3f} "
             f"| {r['pass_at_8_mean']:.3f} +- {r['pass_at_8_std']:.3f} "
             f"| {'-' if reach is None else int(reach)} ({r['runs_reaching_threshold']}/{r['seeds']}) "
-            f"| {r['entropy_last10_mean']:.3f} | {r['grad_norm_mean']:.2f} |"
+            f"| {r['entropy_last10_mean']:.3f} | {r['grad_norm_mean']:.2f} |{cells}"
         )
     if result.get("wins"):
         lines += ["", "| temperature | LPO | metric | LPO better (seeds) | mean difference vs PG | result |",
@@ -230,7 +258,8 @@ def _plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = list(dict.fromkeys(r["setting"] for r in runs))
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4.2))
+    curves = CURVES + tuple(k for k in OPTIONAL_CURVES if all(k in r["per_step"] for r in runs))
+    fig, axes = plt.subplots(1, 2 + len(curves), figsize=(4.4 * (2 + len(curves)), 4.2))
     for setting in settings:
         sel = [r for r in runs if r["setting"] == setting]
         xs = [c["samples"] for c in sel[0]["curve"]]
@@ -238,14 +267,15 @@ def _plot(runs: list[dict], path: Path) -> None:
         for ax, metric in zip(axes[:2], ("pass_at_1", "pass_at_k"), strict=True):
             ys = [statistics.mean(r["curve"][i][metric] for r in sel) for i in range(len(xs))]
             ax.plot(xs, ys, style, marker=".", label=setting)
-        for ax, key in zip(axes[2:], CURVES, strict=True):
+        for ax, key in zip(axes[2:], curves, strict=True):
             n = min(len(r["per_step"][key]) for r in sel)
             ax.plot(
                 range(1, n + 1),
                 [statistics.mean(r["per_step"][key][i] for r in sel) for i in range(n)],
                 style,
             )
-    titles = ("held-out Pass@1", "held-out Pass@8", "sampled-token entropy", "grad norm", "response length")
+    titles = ("held-out Pass@1", "held-out Pass@8", "sampled-token entropy", "grad norm", "response length",
+              "weight change per step")[: len(axes)]  # fmt: skip
     for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title)
         ax.set_xlabel("samples" if "Pass" in title else "learner step")

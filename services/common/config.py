@@ -192,6 +192,18 @@ class LearnerConfig(_Section):
     """DeepSpeed checkpoints kept on disk (the newest ones)."""
     seed: int = Field(0, ge=0)
     """Learner seed (data order within a batch, dropout if any)."""
+    log_update_norm: bool = False
+    """Also report ``update_norm``, the L2 norm of each step's parameter change. Holds a copy of the
+    weights for the step (for studies on small models; not with ZeRO-3)."""
+
+    @model_validator(mode="after")
+    def _update_norm_needs_full_weights(self) -> LearnerConfig:
+        if self.log_update_norm and self.zero_stage == 3:
+            raise ValueError(
+                "learner.log_update_norm needs the full weights on each rank; ZeRO-3 partitions them: "
+                "set learner.zero_stage <= 2 or learner.log_update_norm=false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tau_only_when_fixed(self) -> LearnerConfig:

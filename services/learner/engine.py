@@ -185,13 +185,30 @@ class LearnerEngine:
         plan = self._shards(full.num_groups)
         proximal, sums = self._proximal_pass(full, [i for _, own in plan for i in own])
         t_prox = time.perf_counter()
+        before = self._weights_copy() if self.cfg.log_update_norm else None
         for minibatch, own in plan:
             for key, value in self._update(full, minibatch, own, proximal).items():
                 sums[key] = sums.get(key, 0.0) + value
         self.version += 1
         metrics = self._reduce(sums)
         metrics.update(proximal_s=t_prox - t0, update_s=time.perf_counter() - t_prox)
+        if before is not None:
+            metrics["update_norm"] = self._distance(before)
         return metrics
+
+    def _weights_copy(self) -> list[torch.Tensor]:
+        """The trainable weights before this step's updates (ZeRO <= 2: every rank holds them whole)."""
+        return [p.detach().to("cpu", torch.float64, copy=True) for p in self._trainable()]
+
+    def _distance(self, before: list[torch.Tensor]) -> float:
+        """L2 norm of the change of the trainable weights since ``before`` (the whole step's update)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for old, p in zip(before, self._trainable(), strict=True):
+            total += (p.detach().to("cpu", torch.float64) - old).pow(2).sum()
+        return float(total.sqrt())
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.engine.module.parameters() if p.requires_grad]
 
     def _proximal_pass(
         self, full: PackedBatch, mine: list[int]

@@ -178,3 +178,11 @@ def test_resume_reads_the_run_directory_config(tmp_path: Path) -> None:
 def test_bad_resume_exits_2_naming_the_fix(tmp_path: Path, args: list[str], expected: str) -> None:
     out = _coordinator_cli(*[a.format(tmp=tmp_path) for a in args], "--dry-run")
     assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr
+
+
+def test_update_norm_logging_is_refused_with_zero3() -> None:
+    from services.common.config import LearnerConfig
+
+    with pytest.raises(ValueError, match="learner.log_update_norm needs the full weights"):
+        LearnerConfig(log_update_norm=True, zero_stage=3)
+    assert LearnerConfig(log_update_norm=True, zero_stage=2).log_update_norm
