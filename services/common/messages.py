@@ -11,6 +11,7 @@ version, a truncated payload or an unknown type raises ``MessageDecodeError`` sa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -49,9 +50,19 @@ def _set(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)  # frozen dataclasses normalise their own fields once
 
 
+def task_seed(base: int, key: str) -> int:
+    """A sampling seed for one task from a base seed and a key, independent of batching and of
+    anything else (same base and key, same samples)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=4).digest()
+    return (base * 1_000_003 + int.from_bytes(digest, "little")) % (2**31 - 1)
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How a task's K responses are sampled."""
+    """How a task's K responses are sampled. ``seed`` is this task's own sampling seed (vLLM gives
+    the K children ``seed``, ``seed + 1``, ...); ``None`` lets the generator derive one from its seed
+    and the task id. The coordinator sets it from ``generator.seed`` and the task's dataset position,
+    so a run's samples depend on its seed and config, never on its run name."""
 
     temperature: float = 1.0
     top_p: float = 1.0

@@ -11,7 +11,7 @@ from services.common.config import RunConfig
 from services.common.data.countdown import generate_problems, load_countdown_tasks
 from services.common.data.math import load_math_problems
 from services.common.data.problems import Problem, countdown_problem, math_problem
-from services.common.messages import RolloutTask, SamplingParams
+from services.common.messages import RolloutTask, SamplingParams, task_seed
 
 
 def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
@@ -100,7 +100,10 @@ class TaskSource:
             reference=p.reference,
             group_size=self.cfg.coordinator.group_size,
             sampling=SamplingParams(
-                temperature=gen.temperature, top_p=gen.top_p, max_tokens=gen.max_tokens, seed=gen.seed
+                temperature=gen.temperature,
+                top_p=gen.top_p,
+                max_tokens=gen.max_tokens,
+                seed=task_seed(gen.seed, f"t{i}"),  # the run name stays out of the samples
             ),
             admit_version=admit_version,
         )

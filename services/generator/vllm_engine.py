@@ -5,13 +5,12 @@ The same code drives CUDA vLLM: only the engine arguments differ (see ``build_ll
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from services.common.config import GeneratorConfig, ModelConfig
-from services.common.messages import Rollout, RolloutTask, TensorEntry
+from services.common.messages import Rollout, RolloutTask, TensorEntry, task_seed
 from services.generator.rpc import WORKER_EXTENSION, EngineRpc
 from services.generator.vllm_backend import build_llm, completions, sampling_params
 
@@ -64,12 +63,6 @@ def validate_manifest(
         raise WeightMismatchError(f"snapshot does not match the served checkpoint: {detail}")
 
 
-def task_seed(base: int, task_id: str) -> int:
-    """A per-task sampling seed independent of batching (same task, same seed, same samples)."""
-    digest = hashlib.blake2b(task_id.encode(), digest_size=4).digest()
-    return (base * 1_000_003 + int.from_bytes(digest, "little")) % (2**31 - 1)
-
-
 class VllmRolloutEngine:
     """A ``vllm.LLM`` with the weight-sync worker extension."""
 
@@ -114,7 +107,7 @@ class VllmRolloutEngine:
                 t.sampling.temperature,
                 t.sampling.top_p,
                 t.sampling.max_tokens,
-                task_seed(self.seed if t.sampling.seed is None else t.sampling.seed, t.task_id),
+                task_seed(self.seed, t.task_id) if t.sampling.seed is None else t.sampling.seed,
             )
             for t in tasks
         ]

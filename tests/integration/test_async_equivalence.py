@@ -67,11 +67,11 @@ def _synchronous_reference(cfg) -> tuple[str, list[dict]]:
 
 
 def test_lag_zero_pipeline_reproduces_the_synchronous_loop(tiny_model_dir: str, tmp_path: Path) -> None:
-    # Same run name (task ids, hence sampling seeds, derive from it); separate run directories.
+    # Different run names and run directories: samples derive from the seed and config, not the name.
     summary = run(_config(tmp_path / "pipeline", "eq"))
     lines = (tmp_path / "pipeline" / "eq" / "metrics.jsonl").read_text().splitlines()
     metrics = [json.loads(line) for line in lines]
-    ref_sha, ref_metrics = _synchronous_reference(_config(tmp_path / "reference", "eq"))
+    ref_sha, ref_metrics = _synchronous_reference(_config(tmp_path / "reference", "eq-reference"))
 
     assert summary["final_version"] == 3 and summary["dropped_groups"] == 0
     assert all(m["lag_histogram"] == {"0": 4} for m in metrics)
