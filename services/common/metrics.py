@@ -136,7 +136,7 @@ def _report_interval_s() -> float:
 
 
 class GaugeKeeper:
-    """Re-records the last value of every gauge series of this process once per report interval.
+    """Re-records the last value of every gauge series of this process every half report interval.
 
     Ray's metrics agent keeps a gauge series only for two export intervals after it was last recorded
     (ray-project/ray#64633, in the pinned 2.60): a gauge set once, or less often than every ~20 s,
@@ -153,8 +153,11 @@ class GaugeKeeper:
         self.tokens = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def keep(self, owner: int, metric: Any, name: str, tags: dict[str, str], value: float) -> None:
+    def set(self, owner: int, metric: Any, name: str, tags: dict[str, str], value: float) -> None:
+        """Set the gauge and keep its value (under the lock a refresh holds, so a refresh never
+        re-records an older value over a newer one)."""
         with self._lock:
+            metric.set(value, tags=tags)
             self._values[(owner, name, tuple(sorted(tags.items())))] = (metric, tags, value)
             if self._thread is None:
                 if self.period_s is None:
@@ -170,13 +173,12 @@ class GaugeKeeper:
     def refresh(self) -> int:
         """Re-record every kept value now; returns how many (called by the thread, and by tests)."""
         with self._lock:
-            kept = list(self._values.values())
-        for metric, tags, value in kept:
-            try:
-                metric.set(value, tags=tags)
-            except Exception:  # noqa: BLE001 - telemetry never takes the process down
-                logger.debug("gauge refresh failed", exc_info=True)
-        return len(kept)
+            for metric, tags, value in self._values.values():
+                try:
+                    metric.set(value, tags=tags)
+                except Exception:  # noqa: BLE001 - telemetry never takes the process down
+                    logger.debug("gauge refresh failed", exc_info=True)
+            return len(self._values)
 
     def _loop(self) -> None:
         while True:
@@ -257,9 +259,7 @@ class Metrics:
         """Set a gauge."""
         checked = self._tags(name, tags)
         if self.enabled:
-            metric = self._metric(name)
-            metric.set(float(value), tags=checked)
-            self._keeper.keep(self._token, metric, name, checked, float(value))
+            self._keeper.set(self._token, self._metric(name), name, checked, float(value))
 
     def observe(self, name: str, value: float, **tags: Any) -> None:
         """Add one observation to a histogram."""

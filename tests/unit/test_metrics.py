@@ -127,10 +127,11 @@ def test_gauge_keeper_re_records_the_last_value_of_each_series_until_forgotten()
     keeper = GaugeKeeper(period_s=3600.0)  # the thread never fires here; refresh() is called directly
     a, b = _FakeGauge(), _FakeGauge()
     first, second = next(keeper.tokens), next(keeper.tokens)
-    keeper.keep(first, a, "lpo_queue_length", {"stream": "tasks"}, 1.0)
-    keeper.keep(first, a, "lpo_queue_length", {"stream": "tasks"}, 4.0)  # replaces, never accumulates
-    keeper.keep(first, a, "lpo_queue_length", {"stream": "rollouts"}, 2.0)
-    keeper.keep(second, b, "lpo_learner_weights_version", {}, 7.0)
+    keeper.set(first, a, "lpo_queue_length", {"stream": "tasks"}, 1.0)
+    keeper.set(first, a, "lpo_queue_length", {"stream": "tasks"}, 4.0)  # replaces, never accumulates
+    keeper.set(first, a, "lpo_queue_length", {"stream": "rollouts"}, 2.0)
+    keeper.set(second, b, "lpo_learner_weights_version", {}, 7.0)
+    assert len(a.points) == 3 and len(b.points) == 1  # set() records at once
     assert keeper.refresh() == 3
     latest = sorted(a.points[-2:], key=lambda p: p[1]["stream"])
     assert latest == [(2.0, {"stream": "rollouts"}), (4.0, {"stream": "tasks"})]
