@@ -219,7 +219,7 @@ def _save(name: str, args: argparse.Namespace, runs: list[dict], planned: int) -
 def _markdown(result: dict) -> str:
     """The result's tables as markdown (what docs/RESULTS.md quotes)."""
     reach_header = f"samples to +{result['threshold']:.2f} Pass@1 (runs reaching it)"
-    norms = all("update_norm_mean" in r for r in result["table"])
+    norms = bool(result["table"]) and all("update_norm_mean" in r for r in result["table"])
     extra = " steps clipped | update norm (cv) |" if norms else ""
     lines = [
         f"| setting | seeds | Pass@1 | Pass@8 | {reach_header} | entropy, last 10 steps | grad norm |{extra}",

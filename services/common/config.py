@@ -92,9 +92,9 @@ class GeneratorConfig(_Section):
     max_tokens: int = Field(48, ge=1, le=131072)
     """Most response tokens per sample."""
     seed: int = Field(0, ge=0)
-    """Base sampling seed. Each task's samples are seeded from it and the task's dataset position (so a
-    run's samples depend on its seed and config, not on its name or on which generator takes a task);
-    each actor offsets its engine seed by its rank."""
+    """Base sampling seed. Each task's samples are seeded from it and the task's position in the run's
+    task stream (so a run's samples depend on its seed and config, not on its name or on which
+    generator takes a task); each actor offsets its engine seed by its rank."""
     enforce_eager: bool = True
     """Skip graph capture / torch.compile (faster start on small CPU machines)."""
     kv_cache_gib: float = Field(1.0, gt=0.0, le=1024.0)

@@ -59,15 +59,17 @@ def task_seed(base: int, key: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How a task's K responses are sampled. ``seed`` is this task's own sampling seed (vLLM gives
-    the K children ``seed``, ``seed + 1``, ...); ``None`` lets the generator derive one from its seed
-    and the task id. The coordinator sets it from ``generator.seed`` and the task's dataset position,
-    so a run's samples depend on its seed and config, never on its run name."""
+    """How a task's K responses are sampled. The task's sampling seed is ``task_seed(seed, seed_key)``
+    (vLLM gives the K children that seed, +1, ...): ``seed`` defaults to the generator's seed and
+    ``seed_key`` to the task id. The coordinator sets ``seed = generator.seed`` and ``seed_key`` to the
+    task's position in the run's task stream, so a run's samples depend on its seed and config, never on
+    its run name (which the task ids contain)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 48
     seed: int | None = None
+    seed_key: str | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature > 0 or not 0 < self.top_p <= 1 or self.max_tokens < 1:
@@ -105,6 +107,11 @@ class RolloutTask:
         if self.admit_version < 0:
             raise ValueError(f"task {self.task_id}: admit_version must be >= 0, got {self.admit_version}")
         _set(self, "reference", {str(k): _freeze(v) for k, v in dict(self.reference).items()})
+
+    def sampling_seed(self, default_seed: int) -> int:
+        """The seed this task's K samples are drawn with (``default_seed``: the generator's own)."""
+        base = default_seed if self.sampling.seed is None else self.sampling.seed
+        return task_seed(base, self.task_id if self.sampling.seed_key is None else self.sampling.seed_key)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RolloutTask) and _fields_equal(self, other)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -151,13 +152,23 @@ class GaugeKeeper:
         self._lock = threading.Lock()
         self._values: dict[tuple[int, str, tuple[tuple[str, str], ...]], tuple[Any, dict, float]] = {}
         self.tokens = itertools.count()
+        self._closed: set[int] = set()
         self._thread: threading.Thread | None = None
+        if hasattr(os, "register_at_fork"):  # a forked child starts with no thread, lock or values
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._values.clear()
+        self._thread = None
 
     def set(self, owner: int, metric: Any, name: str, tags: dict[str, str], value: float) -> None:
         """Set the gauge and keep its value (under the lock a refresh holds, so a refresh never
         re-records an older value over a newer one)."""
         with self._lock:
             metric.set(value, tags=tags)
+            if owner in self._closed:  # a late reading after close(): exported once, not kept
+                return
             self._values[(owner, name, tuple(sorted(tags.items())))] = (metric, tags, value)
             if self._thread is None:
                 if self.period_s is None:
@@ -167,6 +178,7 @@ class GaugeKeeper:
 
     def forget(self, owner: int) -> None:
         with self._lock:
+            self._closed.add(owner)
             for key in [k for k in self._values if k[0] == owner]:
                 del self._values[key]
 

@@ -11,7 +11,7 @@ from services.common.config import RunConfig
 from services.common.data.countdown import generate_problems, load_countdown_tasks
 from services.common.data.math import load_math_problems
 from services.common.data.problems import Problem, countdown_problem, math_problem
-from services.common.messages import RolloutTask, SamplingParams, task_seed
+from services.common.messages import RolloutTask, SamplingParams
 
 
 def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
@@ -103,7 +103,8 @@ class TaskSource:
                 temperature=gen.temperature,
                 top_p=gen.top_p,
                 max_tokens=gen.max_tokens,
-                seed=task_seed(gen.seed, f"t{i}"),  # the run name stays out of the samples
+                seed=gen.seed,
+                seed_key=f"t{i}",  # the stream position, not the task id: the run name stays out
             ),
             admit_version=admit_version,
         )

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services.common.config import GeneratorConfig, ModelConfig
-from services.common.messages import Rollout, RolloutTask, TensorEntry, task_seed
+from services.common.messages import Rollout, RolloutTask, TensorEntry
 from services.generator.rpc import WORKER_EXTENSION, EngineRpc
 from services.generator.vllm_backend import build_llm, completions, sampling_params
 
@@ -107,7 +107,7 @@ class VllmRolloutEngine:
                 t.sampling.temperature,
                 t.sampling.top_p,
                 t.sampling.max_tokens,
-                task_seed(self.seed, t.task_id) if t.sampling.seed is None else t.sampling.seed,
+                t.sampling_seed(self.seed),
             )
             for t in tasks
         ]

@@ -24,8 +24,10 @@ def _tasks(tiny_model_dir: str, name: str, seed: int, n: int = 64) -> list:
 def test_sampling_seeds_follow_the_seed_and_position_not_the_run_name(tiny_model_dir: str) -> None:
     a, b = _tasks(tiny_model_dir, "alpha", 0), _tasks(tiny_model_dir, "beta-run", 0)
     assert [t.task_id for t in a][:2] == ["alpha-t0", "alpha-t1"]  # ids stay unique per run ...
-    assert [t.sampling.seed for t in a] == [t.sampling.seed for t in b]  # ... the seeds do not follow them
+    assert [t.sampling_seed(99) for t in a] == [
+        t.sampling_seed(99) for t in b
+    ]  # ... the seeds do not follow them
     assert [t.prompt_text for t in a] == [t.prompt_text for t in b]
-    assert len({t.sampling.seed for t in a}) == len(a)
+    assert len({t.sampling_seed(99) for t in a}) == len(a)
     other = _tasks(tiny_model_dir, "alpha", 1)
-    assert all(x.sampling.seed != y.sampling.seed for x, y in zip(a, other, strict=True))
+    assert all(x.sampling_seed(99) != y.sampling_seed(99) for x, y in zip(a, other, strict=True))

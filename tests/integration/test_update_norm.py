@@ -4,6 +4,7 @@ before and after the step, as the snapshot path (``state_items``) sees them (rea
 from __future__ import annotations
 
 import math
+import socket
 
 import numpy as np
 import pytest
@@ -29,11 +30,16 @@ def _groups(vocab: int, n: int = 4, k: int = 4, length: int = 12) -> list[Respon
     return out
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.parametrize("objective", ["lpo_fwd", "pg"])
 def test_update_norm_is_the_distance_the_weights_moved(tiny_model_dir: str, objective: str) -> None:
     cfg = LearnerConfig(objective=objective, lr=1e-3, updates_per_batch=2, log_update_norm=True)
-    port = 29731 if objective == "pg" else 29732
-    engine = LearnerEngine(tiny_model_dir, cfg, info=RankInfo(master_port=port))
+    engine = LearnerEngine(tiny_model_dir, cfg, info=RankInfo(master_port=_free_port()))
     groups = _groups(engine.module.config.vocab_size)
     before = {name: t.to(torch.float64).clone() for name, t in engine.state_items()}
     metrics = engine.train_step(groups)
@@ -44,6 +50,6 @@ def test_update_norm_is_the_distance_the_weights_moved(tiny_model_dir: str, obje
 
 
 def test_without_the_option_no_update_norm_is_reported(tiny_model_dir: str) -> None:
-    engine = LearnerEngine(tiny_model_dir, LearnerConfig(lr=1e-3), info=RankInfo(master_port=29733))
+    engine = LearnerEngine(tiny_model_dir, LearnerConfig(lr=1e-3), info=RankInfo(master_port=_free_port()))
     metrics = engine.train_step(_groups(engine.module.config.vocab_size))
     assert "update_norm" not in metrics and metrics["grad_norm"] > 0.0

@@ -131,3 +131,28 @@ def test_wrong_type_and_unknown_type() -> None:
         m.decode(msgpack.packb(envelope, use_bin_type=True))
     with pytest.raises(TypeError, match="cannot encode dict"):
         m.encode({"a": 1})
+
+
+def _seeded(task_id: str, seed: int | None, key: str | None) -> m.RolloutTask:
+    sampling = m.SamplingParams(seed=seed, seed_key=key)
+    return m.RolloutTask(task_id, [5, 6], "p", "countdown", {"nums": [1], "target": 1}, 2, sampling)
+
+
+def test_sampling_seed_hashes_the_base_with_the_key_or_the_task_id() -> None:
+    # the coordinator's tasks: base = generator.seed, key = stream position; the run name (in the id) is out
+    assert _seeded("run-a-t7", 0, "t7").sampling_seed(5) == _seeded("run-b-t7", 0, "t7").sampling_seed(5)
+    assert _seeded("run-a-t7", 0, "t7").sampling_seed(5) == m.task_seed(0, "t7")
+    assert _seeded("run-a-t7", 0, "t7").sampling_seed(5) != _seeded("run-a-t8", 0, "t8").sampling_seed(5)
+    assert _seeded("run-a-t7", 1, "t7").sampling_seed(5) != _seeded("run-a-t7", 0, "t7").sampling_seed(5)
+    # no key: the task id (tasks queued by older builds, external producers); no seed: the generator's
+    assert _seeded("x-1", 4, None).sampling_seed(5) == m.task_seed(4, "x-1")
+    assert _seeded("x-1", None, None).sampling_seed(5) == m.task_seed(5, "x-1")
+    assert _seeded("x-1", 4, None).sampling_seed(5) != _seeded("x-2", 4, None).sampling_seed(5)
+
+
+def test_a_task_encoded_without_seed_key_still_decodes() -> None:
+    # an older build's payload (no seed_key field) left in a stream across an upgrade and a resume
+    wire = msgpack.unpackb(m.encode(_task()), raw=False)
+    del wire["data"]["sampling"]["seed_key"]
+    task = m.decode(msgpack.packb(wire, use_bin_type=True), m.RolloutTask)
+    assert task.sampling.seed_key is None and task.sampling_seed(0) == m.task_seed(3, "t-1")

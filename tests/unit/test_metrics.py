@@ -140,6 +140,8 @@ def test_gauge_keeper_re_records_the_last_value_of_each_series_until_forgotten()
     assert keeper.refresh() == 1 and b.points[-1] == (7.0, {})
     keeper.forget(second)
     assert keeper.refresh() == 0
+    keeper.set(second, b, "lpo_learner_weights_version", {}, 8.0)  # a late reading after close
+    assert b.points[-1] == (8.0, {}) and keeper.refresh() == 0  # recorded once, never kept
 
 
 def test_a_disabled_recorder_keeps_nothing() -> None:
