@@ -51,7 +51,7 @@ NORMS = {
 }  # fmt: skip
 STUDIES = {"main": MAIN, "ablation": ABLATION, "norms": NORMS}
 CURVES = ("entropy", "grad_norm", "response_length_mean")
-OPTIONAL_CURVES = ("update_norm",)  # only where the run logged it (learner.log_update_norm)
+OPTIONAL_CURVES = ("update_norm", "grad_clip_fraction")  # where the run logged them
 
 
 def main() -> None:
@@ -162,9 +162,9 @@ def _table(runs: list[dict], threshold: float) -> list[dict]:
             "entropy_last10_mean": round(statistics.mean(x for r in sel for x in _last(r, "entropy")), 4),
             "grad_norm_mean": round(statistics.mean(x for r in sel for x in r["per_step"]["grad_norm"]), 3),
         })  # fmt: skip
-        if all("grad_clip" in r for r in sel):
-            norms = [(x, r["grad_clip"]) for r in sel for x in r["per_step"]["grad_norm"]]
-            rows[-1]["steps_clipped_share"] = round(sum(x > c for x, c in norms) / len(norms), 3)
+        if all("grad_clip_fraction" in r["per_step"] for r in sel):
+            clipped = [x for r in sel for x in r["per_step"]["grad_clip_fraction"]]
+            rows[-1]["updates_clipped_share"] = round(statistics.mean(clipped), 3)
         if all("update_norm" in r["per_step"] for r in sel):
             ups = [x for r in sel for x in r["per_step"]["update_norm"]]
             rows[-1]["update_norm_mean"] = round(statistics.mean(ups), 5)
@@ -219,18 +219,20 @@ def _save(name: str, args: argparse.Namespace, runs: list[dict], planned: int) -
 def _markdown(result: dict) -> str:
     """The result's tables as markdown (what docs/RESULTS.md quotes)."""
     reach_header = f"samples to +{result['threshold']:.2f} Pass@1 (runs reaching it)"
-    norms = bool(result["table"]) and all("update_norm_mean" in r for r in result["table"])
-    extra = " steps clipped | update norm (cv) |" if norms else ""
+
+    def every(key: str) -> bool:
+        return bool(result["table"]) and all(key in r for r in result["table"])
+
+    norms, clipped = every("update_norm_mean"), every("updates_clipped_share")
+    extra = (" update norm (cv) |" if norms else "") + (" updates clipped |" if clipped else "")
     lines = [
         f"| setting | seeds | Pass@1 | Pass@8 | {reach_header} | entropy, last 10 steps | grad norm |{extra}",
-        "|---|---|---|---|---|---|---|" + ("---|---|" if norms else ""),
+        "|---|---|---|---|---|---|---|" + "---|" * (norms + clipped),
     ]
     for r in result["table"]:
         reach = r["samples_to_threshold_median"]
-        cells = (
-            f" {r['steps_clipped_share']:.0%} | {r['update_norm_mean']:.4f} ({r['update_norm_cv']:.2f}) |"
-            if norms
-            else ""
+        cells = (f" {r['update_norm_mean']:.4f} ({r['update_norm_cv']:.2f}) |" if norms else "") + (
+            f" {r['updates_clipped_share']:.0%} |" if clipped else ""
         )
         lines.append(
             f"| {r['setting']} | {r['seeds']} | {r['pass_at_1_mean']:.3f} +- {r['pass_at_1_std']:.3f} "

@@ -298,6 +298,7 @@ class LearnerEngine:
             if m == n_micro - 1:
                 norm = norm if norm is not None else float(self.engine.get_global_grad_norm() or 0.0)
                 sums["grad_norm"] = norm / self.info.world_size  # identical on every rank
+                sums["grad_clipped"] = float(norm > self.cfg.grad_clip) / self.info.world_size
         return sums
 
     def _full_grad_norm(self) -> float:
@@ -312,6 +313,7 @@ class LearnerEngine:
         "abs_s_t_stale": ("s_t_stale", "stale_groups"),
         "loss": ("loss", "updates"),
         "grad_norm": ("grad_norm", "updates"),
+        "grad_clip_fraction": ("grad_clipped", "updates"),  # share of updates whose norm was clipped
     }
 
     def _reduce(self, sums: dict[str, float]) -> dict[str, float]:

@@ -53,3 +53,13 @@ def test_without_the_option_no_update_norm_is_reported(tiny_model_dir: str) -> N
     engine = LearnerEngine(tiny_model_dir, LearnerConfig(lr=1e-3), info=RankInfo(master_port=_free_port()))
     metrics = engine.train_step(_groups(engine.module.config.vocab_size))
     assert "update_norm" not in metrics and metrics["grad_norm"] > 0.0
+
+
+@pytest.mark.parametrize(("clip", "share"), [(1e-6, 1.0), (1e9, 0.0)])
+def test_grad_clip_fraction_counts_the_clipped_updates(
+    tiny_model_dir: str, clip: float, share: float
+) -> None:
+    cfg = LearnerConfig(lr=1e-3, updates_per_batch=2, grad_clip=clip)
+    engine = LearnerEngine(tiny_model_dir, cfg, info=RankInfo(master_port=_free_port()))
+    metrics = engine.train_step(_groups(engine.module.config.vocab_size))
+    assert metrics["grad_clip_fraction"] == share and metrics["grad_norm"] > 1e-6
