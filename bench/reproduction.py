@@ -276,8 +276,10 @@ def _plot(runs: list[dict], path: Path) -> None:
                 [statistics.mean(r["per_step"][key][i] for r in sel) for i in range(n)],
                 style,
             )
-    titles = ("held-out Pass@1", "held-out Pass@8", "sampled-token entropy", "grad norm", "response length",
-              "weight change per step")[: len(axes)]  # fmt: skip
+    names = {"entropy": "sampled-token entropy", "grad_norm": "grad norm", "response_length_mean":
+             "response length", "update_norm": "weight change per step", "grad_clip_fraction":
+             "share of updates clipped"}  # fmt: skip
+    titles = ("held-out Pass@1", "held-out Pass@8", *(names[k] for k in curves))
     for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title)
         ax.set_xlabel("samples" if "Pass" in title else "learner step")
