@@ -29,7 +29,6 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import yaml
 from common import RESULTS, read_jsonl, run_coordinator, write_result
 
 TEMPERATURES = ("grpo", "drgrpo", "maxrl")
@@ -109,7 +108,6 @@ def _run(setting: str, overrides: list[str], seed: int, args: argparse.Namespace
     )
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = read_jsonl(run_dir / "metrics.jsonl")
-    grad_clip = float(yaml.safe_load((run_dir / "config.yaml").read_text())["learner"]["grad_clip"])
     keys = CURVES + tuple(k for k in OPTIONAL_CURVES if k in steps[0])
     per_step = steps[0]["groups"] * int(_group_size(setting))
     curve = [
@@ -123,7 +121,6 @@ def _run(setting: str, overrides: list[str], seed: int, args: argparse.Namespace
         "wall_s": summary["wall_seconds"],
         "samples_per_step": per_step,
         "curve": curve,
-        "grad_clip": grad_clip,
         "per_step": {key: [s[key] for s in steps] for key in keys},
         "final": summary["final_eval"],
         "initial": summary["initial_eval"],

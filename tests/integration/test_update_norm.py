@@ -6,28 +6,16 @@ from __future__ import annotations
 import math
 import socket
 
-import numpy as np
 import pytest
 import torch
 
+from bench.common import synthetic_groups
 from services.common.config import LearnerConfig
-from services.common.messages import ResponseGroup, Rollout, RolloutTask
 from services.learner.engine import LearnerEngine, RankInfo
 
 
-def _groups(vocab: int, n: int = 4, k: int = 4, length: int = 12) -> list[ResponseGroup]:
-    rng = np.random.default_rng(3)
-    out = []
-    for g in range(n):
-        task = RolloutTask(f"u{g}", rng.integers(10, vocab, 8).tolist(), "p", "countdown",
-                           {"nums": [1, 2], "target": 3}, k)  # fmt: skip
-        rollouts = tuple(
-            Rollout(rng.integers(10, vocab, length).tolist(), (-rng.random(length) - 3.0).tolist(), "length")
-            for _ in range(k)
-        )
-        rewards = tuple(float(x) for x in (1, 0, 0, 1)[:k])
-        out.append(ResponseGroup(task, rollouts, 0, "0" * 64).with_rewards(rewards, ("pass",) * k))
-    return out
+def _groups(vocab: int) -> list:
+    return synthetic_groups(4, 4, 8, 12, vocab)  # the benches' seeded learner batch
 
 
 def _free_port() -> int:

@@ -52,7 +52,7 @@ try:
     res["work_writable"] = True
 except OSError:
     res["work_writable"] = False
-print(json.dumps(res))
+sys.stdout.write(json.dumps(res))
 """
 
 
