@@ -30,17 +30,26 @@ def _prompts(n: int) -> list[str]:
 
 
 def _vllm(n_prompts: int, samples: int, max_tokens: int) -> dict:
-    from services.common.tiny import build_tiny
-    from services.generator.vllm_backend import build_llm, sample
+    """The generator's own engine (``VllmRolloutEngine``, as the generator actor builds it)."""
+    from services.common.data.problems import countdown_problem
+    from services.common.tiny import build_tiny, heldout_problems
+    from services.coordinator.evaluation import EvalSet, eval_tasks
+    from services.tools.evaluate import build_engine, prompt_ids, sample_tasks, tools_config
 
     model = build_tiny()
-    prompts = _prompts(n_prompts)
-    llm = build_llm(model, seed=0)
-    sample(llm, prompts[:4], samples, 1.0, max_tokens=max_tokens, seed=1)  # warm-up
+    cfg = tools_config(seed=0, temperature=1.0, max_tokens=max_tokens)
+    problems = [countdown_problem(p) for p in heldout_problems(n_prompts)]
+    ids = prompt_ids(model, problems)
+    engine = build_engine(model, cfg)
+
+    def tasks(step: int, n: int) -> list:
+        return eval_tasks(cfg, EvalSet("bench", tuple(problems[:n]), samples), ids[:n], step, 0)
+
+    sample_tasks(engine, tasks(1, 4))  # warm-up
     started = time.perf_counter()
-    groups = sample(llm, prompts, samples, 1.0, max_tokens=max_tokens, seed=2)
+    groups = sample_tasks(engine, tasks(2, n_prompts))
     seconds = time.perf_counter() - started
-    tokens = sum(len(r.token_ids) for g in groups for r in g)
+    tokens = sum(r.token_ids.size for g in groups for r in g.rollouts)
     return {"engine": "vllm-cpu", "seconds": round(seconds, 3), "tokens": tokens}
 
 

@@ -37,6 +37,41 @@ class ModelConfig(_Section):
     """Prompt + response tokens the engine must fit."""
 
 
+class EvalSetConfig(_Section):
+    """One named evaluation set, reported on its own (eval.jsonl, summary.json, Prometheus, curves.png)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Label of the set in every report (e.g. ``cd34``, ``math500``, ``val``)."""
+    path: str | None = None
+    """Problems file of the run's task (same formats as ``data.train_path``; local or ``hf://datasets/...``).
+    None: generated held-out Countdown problems of the tiny model's distribution, disjoint from its
+    fine-tuning problems and from every set listed before this one (countdown only)."""
+    problems: int | None = Field(None, ge=1)
+    """Problems used (the first ones of the file or of the generated stream); None:
+    ``coordinator.eval_problems``."""
+    samples: int | None = Field(None, ge=1, le=1024)
+    """Samples per problem (n of the unbiased Pass@k); None: ``coordinator.eval_samples``."""
+    nums: tuple[int, ...] = ()
+    """Generated sets only: the allowed counts of numbers per problem (``[4]`` is the paper's CD4,
+    ``[3, 4]`` its CD34); empty: any count of the tiny distribution."""
+    report: bool = True
+    """False marks a validation set: evaluated and logged like the others, but hyper-parameters are chosen
+    on it and it is left out of the run's headline (the progress line and the final log line)."""
+    evaluate: bool = True
+    """False: the set is reserved (kept out of the training problems) but not evaluated in this run, e.g.
+    the test sets while hyper-parameters are tuned on a validation set; the training pool stays the same."""
+
+    @model_validator(mode="after")
+    def _nums_only_generated(self) -> EvalSetConfig:
+        if self.nums and self.path is not None:
+            raise ValueError(
+                f"eval set {self.name!r}: nums filters generated problems only; remove nums or path"
+            )
+        if any(not 2 <= n <= 6 for n in self.nums):
+            raise ValueError(f"eval set {self.name!r}: nums must lie in 2..6, got {list(self.nums)}")
+        return self
+
+
 class DataConfig(_Section):
     """Where prompts come from."""
 
@@ -48,7 +83,15 @@ class DataConfig(_Section):
     None generates Countdown problems (countdown only)."""
     eval_path: str | None = None
     """Held-out problems file (same formats; the first ``coordinator.eval_problems`` are used); None uses
-    the tiny model's generated held-out set (countdown only)."""
+    the tiny model's generated held-out set (countdown only). The one set named ``heldout`` when
+    ``eval_sets`` is empty; use ``eval_sets`` for several."""
+    eval_sets: tuple[EvalSetConfig, ...] = ()
+    """Named evaluation sets, each reported separately; the first evaluated one with ``report: true`` (else
+    the first evaluated one) is the headline.
+    Empty: one set ``heldout`` from ``eval_path``. Every set is removed from the training problems."""
+    train_pool: int | None = Field(None, ge=1)
+    """Keep only the first N training problems (after removing evaluation and SFT problems): a fixed pool
+    that the run revisits epoch after epoch, as the paper's 2,000-problem Countdown subset. None: all."""
     prompt_template: Literal["plain", "r1"] = "plain"
     """``plain``: the short prompt (the tiny model's for Countdown); ``r1``: the R1-Zero conversation
     prompt of the public base-model recipes (services/common/data/problems.py)."""
@@ -72,11 +115,22 @@ class DataConfig(_Section):
     def _nums_range(self) -> DataConfig:
         if self.max_nums < self.min_nums:
             raise ValueError(f"max_nums ({self.max_nums}) must be >= min_nums ({self.min_nums})")
-        if self.task == "math" and (self.train_path is None or self.eval_path is None):
+        has_eval = self.eval_path is not None if not self.eval_sets else all(e.path for e in self.eval_sets)
+        if self.task == "math" and (self.train_path is None or not has_eval):
             raise ValueError(
-                "task 'math' needs data.train_path and data.eval_path (MATH-style files or hf://datasets/... "
-                "paths); only Countdown problems can be generated"
+                "task 'math' needs data.train_path and an evaluation file (data.eval_path, or a path on "
+                "every data.eval_sets entry; MATH-style files or hf://datasets/... paths); only Countdown "
+                "problems can be generated"
             )
+        if self.eval_sets and self.eval_path is not None:
+            raise ValueError(
+                "data.eval_path and data.eval_sets are exclusive: put the file in an eval set's path"
+            )
+        names = [e.name for e in self.eval_sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.eval_sets names must be unique, got {names}")
+        if self.eval_sets and not any(e.evaluate for e in self.eval_sets):
+            raise ValueError("data.eval_sets needs at least one set with evaluate: true")
         return self
 
 
@@ -164,8 +218,11 @@ class LearnerConfig(_Section):
     """Trust-region half-width on token ratios to the proximal policy."""
     is_cap: float = Field(2.0, ge=1.0)
     """Cap of the truncated importance weight on stale PG groups."""
-    pg_aggregation: Literal["token-mean", "seq-mean-token-sum"] = "token-mean"
-    """How the PG baseline averages token losses."""
+    loss_aggregation: Literal["token-mean", "seq-mean-token-sum"] = "token-mean"
+    """Loss scale of every objective: ``token-mean`` (per real token of the mini-batch, verl's default) or
+    ``seq-mean-token-sum`` (per response; for LPO per group, the paper's Algorithm 1). One setting for all
+    objectives keeps LPO and PG on the same gradient scale (on-policy LPO-rev == PG exactly, Prop. 1), so
+    ``grad_clip`` and ``lr`` mean the same for both (docs/OBJECTIVES.md §5)."""
     behavior_logprobs: Literal["engine", "proximal"] = "engine"
     """``engine`` corrects for the sampling policy; ``proximal`` ignores staleness (ablation)."""
     lr: float = Field(1e-6, gt=0.0, le=1.0)

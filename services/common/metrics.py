@@ -80,6 +80,7 @@ _ALL = (
     _C("lpo_learner_idle_seconds", "Seconds the learner waited for scored groups"),
     _G("lpo_eval_pass_at_1", "Expected Pass@1 on the held-out problems"),
     _G("lpo_eval_pass_at_k", "Unbiased Pass@k on the held-out problems", ("k",)),
+    _G("lpo_eval_set_pass_at", "Unbiased Pass@k of each evaluation set (k=1: expected Pass@1)", ("set", "k")),
     # ---- staleness
     _H("lpo_policy_lag", "Learner version minus behaviour version of trained groups", _LAG),
     _G("lpo_policy_lag_max_allowed", "coordinator.max_policy_lag of the run"),

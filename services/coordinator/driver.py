@@ -61,17 +61,23 @@ class Coordinator:
     def __init__(self, cfg: RunConfig, rt: Runtime, rundir: RunDir, *, resume: bool = False) -> None:
         from transformers import AutoTokenizer
 
-        from services.coordinator.tasks import TaskSource, eval_problems, rl_exclusions, training_problems
+        from services.coordinator.tasks import TaskSource, eval_sets, rl_exclusions, training_problems
 
         self.cfg, self.rt, self.rundir = cfg, rt, rundir
         self.queue = StreamQueue(rt.redis_url, cfg.coordinator.run_name, block_ms=cfg.queue.block_ms)
         self.queue.ensure_groups()
         self.ledger = RunLedger(self.queue)
         self.watchdog = Watchdog(self.queue, rt.generators, rt.verifiers, cfg.coordinator.stall_timeout_s)
-        self.heldout = eval_problems(cfg)
+        self.eval_sets = eval_sets(cfg)
         tokenizer = AutoTokenizer.from_pretrained(rt.model_dir)
-        problems = training_problems(cfg, exclude=rl_exclusions(cfg, self.heldout))
+        held = [p for s in self.eval_sets for p in s.problems]
+        problems = training_problems(cfg, exclude=rl_exclusions(cfg, held))
         self.tasks = TaskSource(cfg, problems, tokenizer)
+        self.eval_prompts = {
+            s.name: [tokenizer(p.prompt)["input_ids"] for p in s.problems]
+            for s in self.eval_sets
+            if s.evaluate
+        }
         self.version = 0
         self.published_bytes = 0  # of the latest snapshot
         self.metrics = Metrics(cfg.coordinator.run_name, enabled=cfg.metrics.enabled)
@@ -396,21 +402,26 @@ class Coordinator:
         return out
 
     def evaluate(self, step: int) -> dict[str, Any]:
-        import ray
+        """Every evaluation set at the current version: sampled by the generators, scored by the verifiers
+        (``GeneratorPool`` / ``VerifierPool``), Pass@k computed here."""
+        from services.coordinator.evaluation import eval_tasks, headline, reported_ks, summarize
+        from services.generator.client import GeneratorPool
+        from services.verifier.client import VerifierPool
 
         c = self.cfg.coordinator
-        result = ray.get(
-            self.rt.generators[0].evaluate.remote(
-                self.heldout, c.eval_samples, c.eval_temperature, c.eval_k, seed=step
-            )
-        )
-        record = {"step": step, **result}
+        started = time.perf_counter()
+        sets = {}
+        for s in (s for s in self.eval_sets if s.evaluate):
+            tasks = eval_tasks(self.cfg, s, self.eval_prompts[s.name], step, self.version)
+            scored = VerifierPool(self.rt.verifiers).score(GeneratorPool(self.rt.generators).sample(tasks))
+            sets[s.name] = summarize(scored, reported_ks(s.samples, c.eval_k)) | {"report": s.report}
+        reported = [name for name, v in sets.items() if v["report"]] or list(sets)
+        record = {"step": step, "version": self.version, **headline(sets, reported, c.eval_k), "sets": sets}
+        record["eval_s"] = round(time.perf_counter() - started, 2)
         self.rundir.log_eval(record)
-        self.exporter.evaluation(result)
+        self.exporter.evaluation(record)
         self.evals.append(record)
-        logger.info(
-            "eval step %d: Pass@1 %.3f Pass@%d %.3f", step, result["pass_at_1"], c.eval_k, result["pass_at_k"]
-        )
+        logger.info("eval step %d (%.0fs): %s", step, record["eval_s"], eval_line(record))
         return record
 
     def finish(self, wall_s: float) -> dict[str, Any]:
@@ -420,7 +431,8 @@ class Coordinator:
         self.rt.learner.save_hf(str(self.rundir.checkpoints / f"step-{self.cfg.coordinator.steps}"))
 
         def brief(e: dict[str, Any]) -> dict[str, Any]:
-            return {"pass_at_1": e["pass_at_1"], "pass_at_k": e["pass_at_k"], "k": e["k"]}
+            sets = {name: {"pass_at": v["pass_at"], "report": v["report"]} for name, v in e["sets"].items()}
+            return {"pass_at_1": e["pass_at_1"], "pass_at_k": e["pass_at_k"], "k": e["k"], "sets": sets}
 
         ledger = self.ledger.report()
         self.rundir.write_json("ledger.json", {"report": ledger.as_dict(), "tasks": self.ledger.states()})
@@ -444,6 +456,17 @@ class Coordinator:
         self.rundir.write_summary(summary)
         self.rundir.plot_curves()
         return summary
+
+
+def eval_line(record: dict[str, Any], reported_only: bool = False) -> str:
+    """``cd34 Pass@1 0.301 Pass@8 0.552 | cd4 ...``: every set of an eval record (validation sets marked)."""
+    parts = []
+    for name, v in record["sets"].items():
+        if reported_only and not v["report"]:
+            continue
+        ks = " ".join(f"Pass@{k} {p:.3f}" for k, p in v["pass_at"].items())
+        parts.append(f"{name}{'' if v['report'] else ' (validation)'} {ks}")
+    return " | ".join(parts)
 
 
 def _progress(total: int, done: int = 0):
@@ -479,6 +502,9 @@ def run(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         rt.stop()
     i, f = summary["initial_eval"], summary["final_eval"]
     log.info("run directory: %s", rundir.path)
+    for name, final in f["sets"].items():
+        if final["report"]:
+            log.info("%s: %s", name, _change(i["sets"][name]["pass_at"], final["pass_at"]))
     log.info(
         "Pass@1 %.3f -> %.3f (Pass@%d %.3f -> %.3f) in %.0fs",
         i["pass_at_1"],
@@ -489,3 +515,7 @@ def run(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         summary["wall_seconds"],
     )
     return summary
+
+
+def _change(before: dict[str, float], after: dict[str, float]) -> str:
+    return ", ".join(f"Pass@{k} {before[k]:.3f} -> {after[k]:.3f}" for k in after)

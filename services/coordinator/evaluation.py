@@ -1,25 +1,41 @@
-"""Evaluation: the unbiased pass@k estimator and a held-out evaluation over a vLLM engine.
+"""Evaluation: named held-out sets, their sampling tasks, and the unbiased pass@k arithmetic.
 
-A sample *passes* when the task's verifier rule gives it the full reward (1.0); partial rewards (Countdown's
-0.1 for a well-formed wrong answer) count towards ``mean_reward`` but not towards pass@k.
+Evaluation goes through the same services as training: the coordinator turns each set's problems into
+``RolloutTask``s (``eval_tasks``), a generator samples them with its ``RolloutEngine`` (one sampling path,
+one seeding rule) and a verifier scores them with its configured rules (the training worker's
+``score_group``). Only the arithmetic below runs here. A sample *passes* when its verdict is ``pass``
+(reward 1.0); partial rewards (Countdown's 0.1 for a well-formed wrong answer) count towards
+``mean_reward`` but not towards pass@k.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
+from services.common.config import RunConfig
 from services.common.data.problems import Problem
+from services.common.messages import ResponseGroup, RolloutTask, SamplingParams
 
-if TYPE_CHECKING:
-    from vllm import LLM
 
-logger = logging.getLogger(__name__)
+@dataclass(frozen=True, slots=True)
+class EvalSet:
+    """One named evaluation set: its problems, samples per problem, whether it is reported (a validation
+    set is evaluated alike but kept out of the run's headline) and whether this run evaluates it (a
+    reserved set is only kept out of training)."""
 
-# A rule's reward for a correct answer; anything below is a miss for pass@k.
-_PASS_REWARD = 1.0
+    name: str
+    problems: tuple[Problem, ...]
+    samples: int
+    report: bool = True
+    evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.problems:
+            raise ValueError(f"eval set {self.name!r} has no problems")
+        if self.samples < 1:
+            raise ValueError(f"eval set {self.name!r}: samples must be >= 1, got {self.samples}")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -38,61 +54,70 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - miss
 
 
-def evaluate_problems(
-    llm: LLM,
-    problems: Sequence[Problem],
-    task_kind: str,
-    n_samples: int,
-    temperature: float,
-    k: int,
-    seed: int,
-    *,
-    top_p: float = 1.0,
-    max_tokens: int = 64,
-) -> dict[str, float | int | list[int]]:
-    """Sample ``n_samples`` responses per problem and score them with the ``task_kind`` verifier rule.
+def reported_ks(n: int, extra: int | None = None) -> tuple[int, ...]:
+    """The k of Pass@k reported for ``n`` samples: 1, 8, the largest power of two <= n, and ``extra``
+    (``coordinator.eval_k``), each only where it is <= n."""
+    largest = 1 << (n.bit_length() - 1)
+    return tuple(sorted({k for k in (1, 8, largest, extra or 1) if k <= n}))
 
-    Returns ``pass_at_1`` (expected pass@1: the mean over problems of c/n), ``pass_at_k`` (the mean of
-    the unbiased estimator), ``k``, ``mean_reward`` (over all samples), ``n_problems``,
-    ``n_samples`` and ``correct`` (successes per problem, in order). Deterministic in ``seed`` for a
-    given engine and model.
+
+def eval_tasks(cfg: RunConfig, eval_set: EvalSet, prompts: Sequence[Sequence[int]], step: int, version: int):
+    """The sampling tasks of one evaluation of ``eval_set`` at ``step``: ``samples`` responses per problem
+    at ``coordinator.eval_temperature``, sampled by a snapshot >= ``version``.
+
+    Seeds come from ``generator.seed`` and the set, step and problem, never from the run name: two runs
+    that differ only in their objective evaluate with the same random numbers (paired comparisons).
     """
-    # Deferred: importing vLLM is slow and pass_at_k must stay importable without it.
-    from services.generator.vllm_backend import sample
-    from services.verifier.rules import get_rule
+    gen, c = cfg.generator, cfg.coordinator
+    return [
+        RolloutTask(
+            task_id=f"{c.run_name}-eval-{eval_set.name}-s{step}-p{i}",
+            prompt_token_ids=list(ids),
+            prompt_text=problem.prompt,
+            task_kind=cfg.data.task,
+            reference=problem.reference,
+            group_size=eval_set.samples,
+            sampling=SamplingParams(
+                temperature=c.eval_temperature,
+                top_p=gen.top_p,
+                max_tokens=gen.max_tokens,
+                seed=gen.seed,
+                seed_key=f"eval/{eval_set.name}/{step}/{i}",
+            ),
+            admit_version=version,
+        )
+        for i, (problem, ids) in enumerate(zip(eval_set.problems, prompts, strict=True))
+    ]
 
-    if not problems:
-        raise ValueError("evaluate_problems needs at least one problem")
-    if not 1 <= k <= n_samples:
-        raise ValueError(f"k must lie in 1..n_samples={n_samples}, got {k}")
-    rule = get_rule(task_kind)
-    started = time.perf_counter()
-    groups = sample(
-        llm,
-        [p.prompt for p in problems],
-        n=n_samples,
-        temperature=temperature,
-        top_p=top_p,
-        max_tokens=max_tokens,
-        seed=seed,
-    )
-    pass1, passk, rewards, correct = [], [], [], []
-    for problem, group in zip(problems, groups, strict=True):
-        verdicts = [rule(r.text, problem.reference) for r in group]
-        rewards.extend(v.reward for v in verdicts)
-        c = sum(v.reward >= _PASS_REWARD for v in verdicts)
-        correct.append(c)
-        pass1.append(c / n_samples)
-        passk.append(pass_at_k(n_samples, c, k))
-    result: dict[str, float | int | list[int]] = {
-        "pass_at_1": sum(pass1) / len(pass1),
-        "pass_at_k": sum(passk) / len(passk),
-        "k": k,
+
+def summarize(groups: Sequence[ResponseGroup], ks: Sequence[int]) -> dict[str, Any]:
+    """Pass@k of scored groups (one per problem, in order): ``pass_at`` maps each k of ``ks`` to the mean
+    unbiased estimate over problems (k=1 is the expected Pass@1, the mean of c/n); also ``mean_reward``
+    (over all samples), ``n_problems``, ``n_samples`` and ``correct`` (passes per problem, in order:
+    paired comparisons of two evaluations need them)."""
+    if not groups:
+        raise ValueError("summarize needs at least one scored group")
+    n = len(groups[0].rollouts)
+    correct, rewards = [], []
+    for g in groups:
+        if g.verdicts is None or g.rewards is None:
+            raise ValueError(f"group {g.group_id} is not scored")
+        if len(g.rollouts) != n:
+            raise ValueError(f"group {g.group_id} has {len(g.rollouts)} samples, the first group {n}")
+        correct.append(sum(v == "pass" for v in g.verdicts))
+        rewards.extend(g.rewards)
+    return {
+        "pass_at": {str(k): sum(pass_at_k(n, c, k) for c in correct) / len(correct) for k in ks},
         "mean_reward": sum(rewards) / len(rewards),
-        "n_problems": len(problems),
-        "n_samples": n_samples,
-        "correct": correct,  # per problem, in order: paired comparisons of two evaluations need them
+        "n_problems": len(groups),
+        "n_samples": n,
+        "correct": correct,
     }
-    brief = {key: value for key, value in result.items() if key != "correct"}
-    logger.info("%s eval in %.1fs: %s", task_kind, time.perf_counter() - started, brief)
-    return result
+
+
+def headline(sets: dict[str, dict[str, Any]], reported: Sequence[str], k: int) -> dict[str, Any]:
+    """The run's headline figures: Pass@1 and Pass@``k`` of the first reported set (also at the top level
+    of every eval record, where earlier readers of eval.jsonl find them)."""
+    first = sets[reported[0]]["pass_at"]
+    k = k if str(k) in first else max(int(x) for x in first)  # the set has fewer samples than k
+    return {"eval_set": reported[0], "pass_at_1": first["1"], "pass_at_k": first[str(k)], "k": k}

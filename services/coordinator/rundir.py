@@ -130,10 +130,18 @@ class RunDir:
             ax.set_xlabel("learner step")
         ax = axes[0, 1]
         ev_x = [e["step"] for e in evals]
-        ax.plot(ev_x, [e["pass_at_1"] for e in evals], marker="o", label="Pass@1")
-        if evals:
-            ax.plot(ev_x, [e["pass_at_k"] for e in evals], marker="s", label=f"Pass@{evals[0]['k']}")
-        ax.set_title("held-out evaluation")
+        # One colour per evaluation set, one marker per k; validation sets dashed.
+        for i, (name, first) in enumerate((evals[0]["sets"] if evals else {}).items()):
+            for j, k in enumerate(first["pass_at"]):
+                ax.plot(
+                    ev_x,
+                    [e["sets"][name]["pass_at"][k] for e in evals],
+                    color=f"C{i}",
+                    marker="os^vD"[j % 5],
+                    linestyle="-" if first["report"] else "--",
+                    label=f"{name} Pass@{k}",
+                )
+        ax.set_title("evaluation sets")
         ax.set_xlabel("learner step")
         ax.legend()
         fig.tight_layout()

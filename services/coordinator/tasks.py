@@ -7,11 +7,12 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from services.common.config import RunConfig
-from services.common.data.countdown import generate_problems, load_countdown_tasks
+from services.common.config import EvalSetConfig, RunConfig
+from services.common.data.countdown import CountdownProblem, generate_problems, load_countdown_tasks
 from services.common.data.math import load_math_problems
 from services.common.data.problems import Problem, countdown_problem, math_problem
 from services.common.messages import RolloutTask, SamplingParams
+from services.coordinator.evaluation import EvalSet
 
 
 def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
@@ -22,19 +23,65 @@ def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
     return [countdown_problem(p, data.prompt_template) for p in load_countdown_tasks(path)]
 
 
-def eval_problems(cfg: RunConfig) -> list[Problem]:
-    """The held-out evaluation problems: the first ``coordinator.eval_problems`` of ``data.eval_path``,
-    or (Countdown without a file) the tiny model's generated held-out set."""
-    n = cfg.coordinator.eval_problems
-    if cfg.data.eval_path:
-        return load_problems(cfg, cfg.data.eval_path)[:n]
+def eval_sets(cfg: RunConfig) -> list[EvalSet]:
+    """The run's evaluation sets (``data.eval_sets``; or one set ``heldout``: the first
+    ``coordinator.eval_problems`` of ``data.eval_path``, or the tiny model's generated held-out set).
+
+    Generated sets are drawn, in the listed order, from one stream of held-out Countdown problems (never a
+    fine-tuning problem of the tiny model): each problem goes to the first set still short of problems
+    whose ``nums`` allows its count of numbers, so the sets are disjoint from each other.
+    """
+    c, data = cfg.coordinator, cfg.data
+    if not data.eval_sets:
+        if data.eval_path:
+            problems = load_problems(cfg, data.eval_path)[: c.eval_problems]
+        else:
+            from services.common.tiny import heldout_problems
+
+            problems = [countdown_problem(p) for p in heldout_problems(c.eval_problems)]
+        return [EvalSet("heldout", tuple(problems), c.eval_samples)]
+    generated = [e for e in data.eval_sets if e.path is None]
+    if generated and data.task != "countdown":
+        raise ValueError(
+            f"data.eval_sets {[e.name for e in generated]}: only Countdown problems can be generated; "
+            "give each set a path"
+        )
+    drawn = _draw_generated(generated, c.eval_problems)
+    out = []
+    for e in data.eval_sets:
+        n = e.problems or c.eval_problems
+        if e.path is not None:
+            problems = load_problems(cfg, e.path)[:n]
+        else:
+            problems = [countdown_problem(p) for p in drawn[e.name]]
+        out.append(EvalSet(e.name, tuple(problems), e.samples or c.eval_samples, e.report, e.evaluate))
+    return out
+
+
+def _draw_generated(sets: Sequence[EvalSetConfig], default_n: int) -> dict[str, list[CountdownProblem]]:
     from services.common.tiny import heldout_problems
 
-    return [countdown_problem(p) for p in heldout_problems(n)]
+    want = {e.name: e.problems or default_n for e in sets}
+    drawn: dict[str, list[CountdownProblem]] = {e.name: [] for e in sets}
+    n = 2 * sum(want.values())
+    while sets:
+        # heldout_problems is prefix-stable in n: a longer draw only appends to the same stream.
+        stream = heldout_problems(n)
+        drawn = {e.name: [] for e in sets}
+        for p in stream:
+            for e in sets:
+                if len(drawn[e.name]) < want[e.name] and (not e.nums or len(p.nums) in e.nums):
+                    drawn[e.name].append(p)
+                    break
+        if all(len(drawn[name]) == want[name] for name in want):
+            break
+        n *= 2  # heldout_problems raises when the problem space runs out
+    return drawn
 
 
 def training_problems(cfg: RunConfig, exclude: Sequence[Problem] = ()) -> list[Problem]:
-    """The run's training set, minus any problem of ``exclude`` (the held-out evaluation set)."""
+    """The run's training set, minus any problem of ``exclude`` (the evaluation sets), cut to
+    ``data.train_pool`` problems if set."""
     data = cfg.data
     if data.train_path:
         problems = load_problems(cfg, data.train_path)
@@ -52,6 +99,13 @@ def training_problems(cfg: RunConfig, exclude: Sequence[Problem] = ()) -> list[P
     kept = [p for p in problems if p.key not in held]
     if not kept:
         raise ValueError(f"no training problems left after removing {len(held)} held-out ones; check data.*")
+    if data.train_pool is not None:
+        if len(kept) < data.train_pool:
+            raise ValueError(
+                f"data.train_pool={data.train_pool} but only {len(kept)} training problems remain after "
+                f"removing {len(held)} evaluation/SFT ones; raise data.train_size or lower data.train_pool"
+            )
+        kept = kept[: data.train_pool]
     return kept
 
 

@@ -71,6 +71,9 @@ class StepExporter:
     def evaluation(self, result: dict[str, Any]) -> None:
         self.metrics.set("lpo_eval_pass_at_1", result["pass_at_1"])
         self.metrics.set("lpo_eval_pass_at_k", result["pass_at_k"], k=result["k"])
+        for name, v in result.get("sets", {}).items():
+            for k, p in v["pass_at"].items():
+                self.metrics.set("lpo_eval_set_pass_at", p, set=name, k=k)
 
 
 class Monitor:

@@ -6,12 +6,10 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Sequence
 
 import ray
 
 from services.common.config import RunConfig
-from services.common.data.problems import Problem
 from services.common.logs import setup_logging
 from services.common.paths import set_cache_env
 
@@ -64,12 +62,13 @@ class GeneratorActor:
                     )
                     os._exit(1)
 
-    def sample(self, payloads: list[bytes]) -> list[bytes]:
-        """Queue-less sampling of encoded tasks (the synchronous reference loop of the tests)."""
+    def sample(self, payloads: list[bytes], record: bool = True) -> list[bytes]:
+        """Queue-less sampling of encoded tasks (evaluation; the synchronous reference loop of the tests);
+        ``record`` counts them in the training statistics."""
         from services.common.messages import RolloutTask, decode, encode
 
         with self._lock:
-            groups = self.gen.sample([decode(p, RolloutTask) for p in payloads])
+            groups = self.gen.sample([decode(p, RolloutTask) for p in payloads], record=record)
         return [encode(g) for g in groups]
 
     def stop(self) -> None:
@@ -81,21 +80,3 @@ class GeneratorActor:
             "engine_restarts": self.engine.restarts,
             **dataclasses.asdict(self.gen.stats),
         }
-
-    def evaluate(self, problems: Sequence[Problem], n: int, temperature: float, k: int, seed: int) -> dict:
-        """Pass@1 / Pass@k with the newest snapshot (loaded first)."""
-        from services.coordinator.evaluation import evaluate_problems
-
-        with self._lock:
-            self.gen.sync_weights()
-            result = evaluate_problems(
-                self.engine.llm,
-                problems,
-                self.cfg.data.task,
-                n,
-                temperature,
-                k,
-                seed,
-                max_tokens=self.cfg.generator.max_tokens,
-            )
-        return {**result, "version": self.gen.version}

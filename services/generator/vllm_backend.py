@@ -34,8 +34,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,26 +47,6 @@ logger = logging.getLogger(__name__)
 # KV cache for the tiny model: 4 layers * 2 (K,V) * 4 heads * 32 dims * 4 bytes = 4 KiB per token, so
 # 256 MiB holds 64k tokens, i.e. hundreds of concurrent 128-token sequences.
 DEFAULT_KV_CACHE_BYTES = 256 * 1024**2
-
-
-@dataclass(frozen=True, slots=True)
-class SampledResponse:
-    """One sampled response. ``token_ids`` and ``logprobs`` have equal length: ``logprobs[t]`` is the
-    engine's log-probability of ``token_ids[t]`` given ``prompt_token_ids + token_ids[:t]``. ``text`` is
-    the detokenized response without special tokens; ``finish_reason`` is vLLM's ("stop" or "length");
-    a response that stopped on eos ends with the eos token id."""
-
-    prompt_token_ids: tuple[int, ...]
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
-    text: str
-    finish_reason: str
-
-    def __post_init__(self) -> None:
-        if len(self.token_ids) != len(self.logprobs):
-            raise ValueError(
-                f"token_ids ({len(self.token_ids)}) and logprobs ({len(self.logprobs)}) differ in length"
-            )
 
 
 def build_llm(
@@ -145,34 +123,3 @@ def completions(out) -> list[tuple[list[int], list[float], str, str]]:
         ]
         result.append((list(comp.token_ids), lps, comp.text, str(comp.finish_reason)))
     return result
-
-
-def sample(
-    llm: LLM,
-    prompts: Sequence[str],
-    n: int,
-    temperature: float,
-    top_p: float = 1.0,
-    max_tokens: int = 64,
-    seed: int = 0,
-) -> list[list[SampledResponse]]:
-    """``n`` responses for each prompt, in prompt order, with the log-prob of each sampled token.
-
-    Deterministic in ``seed`` for a fixed engine: prompt ``i`` samples with seed ``seed + i * n`` and vLLM
-    gives its ``j``-th child ``seed + i * n + j``, so no two samples share a random stream.
-    """
-    params = [sampling_params(n, temperature, top_p, max_tokens, seed + i * n) for i in range(len(prompts))]
-    outputs = llm.generate(list(prompts), params, use_tqdm=False)
-    return [
-        [
-            SampledResponse(
-                prompt_token_ids=tuple(out.prompt_token_ids),
-                token_ids=tuple(tokens),
-                logprobs=tuple(lps),
-                text=text,
-                finish_reason=finish,
-            )
-            for tokens, lps, text, finish in completions(out)
-        ]
-        for out in outputs
-    ]

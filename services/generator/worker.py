@@ -132,9 +132,10 @@ class Generator:
         self.stats.idle_s += seconds
         self.metrics.inc("lpo_generator_idle_seconds", seconds)
 
-    def sample(self, tasks: list[RolloutTask]) -> list[ResponseGroup]:
+    def sample(self, tasks: list[RolloutTask], *, record: bool = True) -> list[ResponseGroup]:
         """Sample every task with one snapshot: the newest one at this safe point, and at least the
-        version each task was admitted for."""
+        version each task was admitted for. ``record``: count them as training groups (evaluation
+        groups are not)."""
         self.wait_for_version(max(t.admit_version for t in tasks))
         self.sync_weights()
         snapshot = self.snapshot
@@ -150,6 +151,8 @@ class Generator:
             )
             for task, rollouts in zip(tasks, sampled, strict=True)
         ]
+        if not record:
+            return groups
         tokens = sum(r.token_ids.size for g in groups for r in g.rollouts)
         self.stats.groups += len(groups)
         self.stats.tokens += tokens

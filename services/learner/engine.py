@@ -133,7 +133,7 @@ class LearnerEngine:
             tau=cfg.tau,
             clip_eps=cfg.clip_eps,
             is_cap=cfg.is_cap,
-            pg_aggregation=cfg.pg_aggregation,
+            aggregation=cfg.loss_aggregation,
         )
         ds_config = deepspeed_config(cfg, dtype)
         # ZeRO-3 partitions the parameters in deepspeed.initialize. Loading inside zero.Init instead

@@ -20,7 +20,7 @@ import torch
 
 Temperature = Literal["grpo", "drgrpo", "maxrl", "fixed"]
 Divergence = Literal["forward", "reverse"]
-PgAggregation = Literal["token-mean", "seq-mean-token-sum"]
+Aggregation = Literal["token-mean", "seq-mean-token-sum"]
 
 GRPO_STD_EPS = 1e-6  # verl's epsilon in (R - mean) / (std + eps)
 # exp() of a token log-ratio is taken after clamping it here: beyond it the ratio is outside any
@@ -37,7 +37,10 @@ class ObjectiveConfig:
     tau: float | None = None  # only for temperature == "fixed"
     clip_eps: float = 0.2
     is_cap: float = 2.0  # truncated importance weight cap for stale PG groups (LPO.md §6)
-    pg_aggregation: PgAggregation = "token-mean"
+    aggregation: Aggregation = "token-mean"
+    """The loss scale of every objective (LPO.md §5, OBJECTIVES.md §3): ``token-mean`` divides the
+    summed token terms by the mini-batch's real tokens, ``seq-mean-token-sum`` by its responses (LPO:
+    by its groups, the paper's Algorithm 1). Under either, on-policy LPO-rev's gradient equals PG's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,8 +182,8 @@ def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _listwise_loss(inputs: LossInputs, cfg: ObjectiveConfig, divergence: Divergence | None) -> LossOutputs:
-    """LPO.md §5: ``(1/B) sum_b sum_k c[b,k] sum_i m * clamp(logp - logp_t)``; ``divergence=None``
-    is the pointwise ablation ``c = -w*`` (Eq. 52)."""
+    """LPO.md §5: ``sum_b sum_k c[b,k] sum_i m * clamp(logp - logp_t)`` over ``_listwise_scale`` (``B``
+    in the paper's Algorithm 1); ``divergence=None`` is the pointwise ablation ``c = -w*`` (Eq. 52)."""
     mask = inputs.mask.bool()
     terms = lpo_coefficients(
         inputs.rewards,
@@ -195,8 +198,7 @@ def _listwise_loss(inputs: LossInputs, cfg: ObjectiveConfig, divergence: Diverge
     delta = inputs.logp - inputs.logp_proximal  # (B, K, T) trust region against pi_t
     lo, hi = math.log(1.0 - cfg.clip_eps), math.log(1.0 + cfg.clip_eps)
     delta_c = delta.clamp(lo, hi)
-    groups = inputs.global_groups or inputs.logp.shape[0]
-    loss = (coef * _masked_sum(delta_c, mask)).sum() / groups
+    loss = (coef * _masked_sum(delta_c, mask)).sum() / _listwise_scale(inputs, mask, cfg.aggregation)
     with torch.no_grad():
         clipped = ((delta < lo) | (delta > hi)) & mask
         s_t = _masked_sum(inputs.logp_proximal - inputs.logp_behavior, mask)
@@ -207,8 +209,43 @@ def _listwise_loss(inputs: LossInputs, cfg: ObjectiveConfig, divergence: Diverge
             "ess": _ess(terms.p_proximal).mean().item(),
             "abs_s_t": s_t.abs().mean().item(),
             "coef_abs_max": coef.abs().max().item(),
+            **_drift_metrics(inputs, mask),
         }
     return LossOutputs(loss=loss, metrics=metrics)
+
+
+def _listwise_scale(inputs: LossInputs, mask: torch.Tensor, aggregation: Aggregation) -> float:
+    """The divisor of the listwise loss ``sum_b sum_k c[b,k] sum_i delta``.
+
+    The coefficients of a group sum to zero and are O(1/K) each, so dividing by the groups ``B`` puts
+    the loss on the scale of PG's per-response mean (``seq-mean-token-sum``); dividing by
+    ``tokens / K`` instead puts it on PG's per-token mean. On-policy, LPO-rev's ``c = -A / K`` then gives
+    exactly PG's gradient under the same aggregation (Prop. 1; tests/unit/test_objectives.py).
+    """
+    groups = inputs.global_groups or inputs.logp.shape[0]
+    if aggregation == "seq-mean-token-sum":
+        return float(groups)
+    if aggregation == "token-mean":
+        tokens = inputs.global_tokens or int(mask.sum().item())
+        return max(tokens, 1) / inputs.logp.shape[1]
+    raise ValueError(f"unknown aggregation {aggregation!r}; valid: token-mean, seq-mean-token-sum")
+
+
+def _drift_metrics(inputs: LossInputs, mask: torch.Tensor) -> dict[str, float]:
+    """How far the policy being updated has moved, per response: ``drift`` = mean ``|s_theta - s_t|``
+    (from the proximal policy: the updates of this batch so far), ``abs_s_theta`` = mean ``|s_theta|``
+    (from the behaviour policy: staleness plus those updates) and ``kl_proximal`` = mean
+    ``KL(P_t || P_theta)`` over groups, the listwise view of the same drift. Detached."""
+    seq_theta = _masked_sum(inputs.logp.detach(), mask)
+    seq_t = _masked_sum(inputs.logp_proximal, mask)
+    seq_b = _masked_sum(inputs.logp_behavior, mask)
+    log_p_t = torch.log_softmax(seq_t - seq_b, dim=1)
+    log_p_theta = torch.log_softmax(seq_theta - seq_b, dim=1)
+    return {
+        "drift": (seq_theta - seq_t).abs().mean().item(),
+        "abs_s_theta": (seq_theta - seq_b).abs().mean().item(),
+        "kl_proximal": (log_p_t.exp() * (log_p_t - log_p_theta)).sum(dim=1).mean().item(),
+    }
 
 
 def _ess(p: torch.Tensor) -> torch.Tensor:
@@ -230,16 +267,10 @@ def _pg_loss(inputs: LossInputs, cfg: ObjectiveConfig) -> LossOutputs:
         log_is = (inputs.logp_proximal - inputs.logp_behavior).clamp(max=MAX_LOG_RATIO).detach()
         is_weight = log_is.exp().clamp(max=cfg.is_cap)
         surrogate = torch.where(inputs.stale.view(-1, 1, 1), surrogate * is_weight, surrogate)
-    if cfg.pg_aggregation == "token-mean":
-        tokens = inputs.global_tokens or int(mask.sum().item())
-        loss = _masked_sum(surrogate, mask).sum() / max(tokens, 1)
-    elif cfg.pg_aggregation == "seq-mean-token-sum":
-        responses = (inputs.global_groups or inputs.logp.shape[0]) * inputs.logp.shape[1]
-        loss = _masked_sum(surrogate, mask).sum() / responses
-    else:
-        raise ValueError(
-            f"unknown pg_aggregation {cfg.pg_aggregation!r}; valid: token-mean, seq-mean-token-sum"
-        )
+    # The listwise scale times K: per response (seq-mean-token-sum) or per token (token-mean).
+    loss = _masked_sum(surrogate, mask).sum() / (
+        _listwise_scale(inputs, mask, cfg.aggregation) * adv.shape[1]
+    )
     with torch.no_grad():
         clipped = (ratio != clipped_ratio) & mask
         s_t = _masked_sum(inputs.logp_proximal - inputs.logp_behavior, mask)
@@ -247,6 +278,7 @@ def _pg_loss(inputs: LossInputs, cfg: ObjectiveConfig) -> LossOutputs:
             "clip_fraction": (clipped.sum() / mask.sum().clamp(min=1)).item(),
             "ess": _ess(torch.softmax(s_t, dim=1)).mean().item(),
             "abs_s_t": s_t.abs().mean().item(),
+            **_drift_metrics(inputs, mask),
         }
     return LossOutputs(loss=loss, metrics=metrics)
 

@@ -31,29 +31,25 @@ def _build_tiny(args: argparse.Namespace) -> int:
         return 0
 
     from services.common.data.problems import countdown_problem
-    from services.coordinator.evaluation import evaluate_problems
-    from services.generator.vllm_backend import build_llm
+    from services.tools.evaluate import build_engine, evaluate_engine, prompt_ids, tools_config
 
+    cfg = tools_config(seed=args.eval_seed, temperature=args.temperature)
+    problems = [countdown_problem(p) for p in heldout_problems(args.problems, spec=spec)]
     # In-process vLLM starts ~15 s faster, but after SFT ran in this process it samples ~3x slower
     # (torch/OMP state left by training); then the engine's own child processes are faster overall.
-    llm = build_llm(model_dir, seed=args.eval_seed, in_process=reused)
-    problems = [countdown_problem(p) for p in heldout_problems(args.problems, spec=spec)]
-    result = evaluate_problems(
-        llm,
-        problems,
-        "countdown",
-        n_samples=args.samples,
-        temperature=args.temperature,
-        k=args.samples,
-        seed=args.eval_seed,
-    )
+    engine = build_engine(model_dir, cfg, in_process=reused)
+    try:
+        result = evaluate_engine(engine, cfg, problems, prompt_ids(model_dir, problems), args.samples)
+    finally:
+        engine.shutdown()
     result |= {"temperature": args.temperature, "seed": args.eval_seed}
     (model_dir / "base_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    k = max(result["pass_at"], key=int)
     logger.info(
-        "base Pass@1 = %.4f (Pass@%d = %.4f, mean reward = %.4f)",
-        result["pass_at_1"],
-        result["k"],
-        result["pass_at_k"],
+        "base Pass@1 = %.4f (Pass@%s = %.4f, mean reward = %.4f)",
+        result["pass_at"]["1"],
+        k,
+        result["pass_at"][k],
         result["mean_reward"],
     )
     return 0

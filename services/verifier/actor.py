@@ -11,7 +11,7 @@ from services.common.config import RunConfig
 from services.common.logs import setup_logging
 
 
-@ray.remote(max_concurrency=2)
+@ray.remote(max_concurrency=3)  # the loop, a scoring call (evaluation) and a control call
 class VerifierActor:
     """Scores ``:rollouts`` into ``:groups`` until ``stop()``."""
 
@@ -48,6 +48,13 @@ class VerifierActor:
     def run(self) -> None:
         while not self._stop.is_set():
             self.worker.step(block_ms=self.block_ms)
+
+    def score(self, payloads: list[bytes]) -> list[bytes]:
+        """Queue-less scoring of encoded groups (evaluation) with this worker's configured rules."""
+        from services.common.messages import ResponseGroup, decode, encode
+        from services.verifier.scoring import score_group
+
+        return [encode(score_group(decode(p, ResponseGroup))) for p in payloads]
 
     def stop(self) -> None:
         self._stop.set()

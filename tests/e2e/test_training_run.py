@@ -124,7 +124,8 @@ def _significant_gain(summary: dict, run_dir: Path) -> float:
     """The Pass@1 gain from the first to the last evaluation, asserted to exceed twice its paired standard
     error (the same problems at both; per-problem success counts from ``eval.jsonl``)."""
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
-    first, last = evals[0], evals[-1]
+    name = evals[0]["eval_set"]
+    first, last = evals[0]["sets"][name], evals[-1]["sets"][name]
     n = first["n_samples"]
     diffs = [(b - a) / n for a, b in zip(first["correct"], last["correct"], strict=True)]
     mean = sum(diffs) / len(diffs)

@@ -13,8 +13,10 @@ from transformers import AutoTokenizer
 from services.common.config import build_config
 from services.common.messages import ResponseGroup, decode, encode
 from services.coordinator.driver import run
+from services.coordinator.evaluation import eval_tasks
 from services.coordinator.runtime import Runtime
-from services.coordinator.tasks import TaskSource, eval_problems, rl_exclusions, training_problems
+from services.coordinator.tasks import TaskSource, eval_sets, rl_exclusions, training_problems
+from services.generator.client import GeneratorPool
 from services.verifier.scoring import score_group
 
 pytestmark = pytest.mark.slow
@@ -44,12 +46,13 @@ def _synchronous_reference(cfg) -> tuple[str, list[dict]]:
     rt = Runtime.start(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(rt.model_dir)
-        held = eval_problems(cfg)
-        source = TaskSource(cfg, training_problems(cfg, exclude=rl_exclusions(cfg, held)), tokenizer)
+        (held,) = eval_sets(cfg)
+        source = TaskSource(cfg, training_problems(cfg, exclude=rl_exclusions(cfg, held.problems)), tokenizer)
         c = cfg.coordinator
         gen = rt.generators[0]
         snapshot = rt.learner.publish()
-        ray.get(gen.evaluate.remote(held, c.eval_samples, c.eval_temperature, c.eval_k, seed=0))
+        prompts = [tokenizer(p.prompt)["input_ids"] for p in held.problems]
+        GeneratorPool(rt.generators).sample(eval_tasks(cfg, held, prompts, 0, snapshot.version))
         records = []
         for _ in range(c.steps):
             tasks = [source.next(admit_version=snapshot.version) for _ in range(c.prompts_per_step)]

@@ -7,12 +7,12 @@ from __future__ import annotations
 from transformers import AutoTokenizer
 
 from services.common.config import build_config
-from services.coordinator.tasks import TaskSource, eval_problems, rl_exclusions, training_problems
+from services.coordinator.tasks import TaskSource, eval_sets, rl_exclusions, training_problems
 
 
 def _tasks(tiny_model_dir: str, name: str, seed: int, n: int = 64) -> list:
     cfg = build_config({}, [f"coordinator.run_name={name}", f"generator.seed={seed}"])
-    held = eval_problems(cfg)
+    held = [p for s in eval_sets(cfg) for p in s.problems]
     source = TaskSource(
         cfg,
         training_problems(cfg, exclude=rl_exclusions(cfg, held)),

@@ -67,7 +67,7 @@ def test_override_values_are_typed() -> None:
         ("queue.redis_url=localhost:6379", ["queue.redis_url", "redis://"]),
         ("learner.world_size=32", ["prompts_per_step (16)", "world_size (32)"]),
         ("coordinator.run_name=a/b", ["coordinator.run_name", "'a/b'"]),
-        ("data.task=math", ["task 'math' needs data.train_path and data.eval_path"]),
+        ("data.task=math", ["task 'math' needs data.train_path and an evaluation file (data.eval_path"]),
         ("data.prompt_template=r1", ["'tiny:countdown' only knows", "prompt_template 'r1'"]),
         ("data.task=code", ["data.task", "'countdown'", "'math'"]),
     ],

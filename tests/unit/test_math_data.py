@@ -13,7 +13,7 @@ from services.common.data.countdown import CountdownProblem, format_prompt, save
 from services.common.data.math import MathProblem, last_boxed, load_math_problems
 from services.common.data.problems import countdown_problem, math_problem
 from services.common.data.rows import DatasetError, resolve_data_path
-from services.coordinator.tasks import eval_problems, training_problems
+from services.coordinator.tasks import eval_sets, training_problems
 
 
 def _jsonl(path: Path, rows: list[object]) -> Path:
@@ -110,7 +110,9 @@ def test_held_out_file_is_evaluated_and_kept_out_of_training(tmp_path: Path) -> 
     cfg = load_config(
         None, [f"data.train_path={path}", f"data.eval_path={path}", "coordinator.eval_problems=3"]
     )
-    held = eval_problems(cfg)
+    (heldout,) = eval_sets(cfg)
+    held = heldout.problems
+    assert heldout.name == "heldout"
     assert [p.reference["target"] for p in held] == [3, 5, 7]
     train = training_problems(cfg, exclude=held)
     assert len(train) == 7 and not {p.key for p in train} & {p.key for p in held}

@@ -107,8 +107,11 @@ def test_step_exporter_maps_a_record() -> None:
 
 def test_evaluation_export() -> None:
     m = _Recording()
-    StepExporter(m, 0).evaluation({"pass_at_1": 0.3, "pass_at_k": 0.6, "k": 8})
+    sets = {"cd34": {"pass_at": {"1": 0.3, "8": 0.6}}, "cd4": {"pass_at": {"1": 0.1, "8": 0.2}}}
+    StepExporter(m, 0).evaluation({"pass_at_1": 0.3, "pass_at_k": 0.6, "k": 8, "sets": sets})
     assert ("set", "lpo_eval_pass_at_k", 0.6, {"k": 8}) in m.calls
+    assert ("set", "lpo_eval_set_pass_at", 0.1, {"set": "cd4", "k": "1"}) in m.calls
+    assert ("set", "lpo_eval_set_pass_at", 0.6, {"set": "cd34", "k": "8"}) in m.calls
 
 
 class _FakeGauge:
