@@ -277,7 +277,12 @@ def analyse(runs: list[dict]) -> dict:
 def select(runs: list[dict]) -> dict:
     """The grid's rule: per objective, the (lr, step) with the best mean ``val`` Pass@1 among those whose
     mean ``val`` Pass@8 is at least the base model's (step 0, mean over seeds)."""
-    base8 = statistics.mean(r["curves"]["val"][0]["8"] for r in runs)
+    k = (
+        "8"
+        if "8" in runs[0]["curves"]["val"][0]
+        else max((x for x in runs[0]["curves"]["val"][0] if x != "step"), key=int)
+    )
+    base8 = statistics.mean(r["curves"]["val"][0][k] for r in runs)
     candidates = []
     for setting in dict.fromkeys(r["setting"] for r in runs):
         sel = [r for r in runs if r["setting"] == setting]
@@ -286,7 +291,7 @@ def select(runs: list[dict]) -> dict:
             if point["step"] == 0:
                 continue
             p1 = statistics.mean(r["curves"]["val"][i]["1"] for r in sel)
-            p8 = statistics.mean(r["curves"]["val"][i]["8"] for r in sel)
+            p8 = statistics.mean(r["curves"]["val"][i][k] for r in sel)
             candidates.append(
                 {
                     "objective": obj,

@@ -245,31 +245,53 @@ class WeightSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
-class StepMetrics:
-    """One learner step, as written to ``metrics.jsonl``. Histograms map a value to a count."""
+class LearnerStepMetrics:
+    """What one learner step reports: rank 0's reduction over every rank and update of the step.
+    ``objective`` holds the configured objective's own figures (KL, clip fraction, ESS, drift, ...);
+    ``update_norm`` is set only with ``learner.log_update_norm``. ``as_json`` is the flat form that
+    ``metrics.jsonl`` holds."""
 
-    step: int
-    policy_version: int
-    wall_s: float
-    groups: int
-    reward_mean: float
-    loss: float
-    grad_norm: float
-    objective: dict[str, float] = field(default_factory=dict)
-    phase_s: dict[str, float] = field(default_factory=dict)
-    lag_histogram: dict[int, int] = field(default_factory=dict)
-    dropped: dict[str, int] = field(default_factory=dict)
-    response_length_mean: float = 0.0
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    grad_clip_fraction: float = 0.0
     entropy: float = 0.0
+    mismatch_mean: float = 0.0
+    mismatch_max: float = 0.0
+    abs_s_t_fresh: float = 0.0
+    abs_s_t_stale: float = 0.0
+    stale_groups: float = 0.0
+    proximal_s: float = 0.0
+    update_s: float = 0.0
+    update_norm: float | None = None
+    objective: dict[str, float] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.step < 0 or self.policy_version < 0 or self.groups < 0:
-            raise ValueError(f"step metrics out of range: step={self.step} version={self.policy_version}")
+    @classmethod
+    def from_flat(cls, flat: dict[str, float]) -> LearnerStepMetrics:
+        """From the learner's flat reduction: named fields by name, everything else to ``objective``."""
+        named = {f.name for f in dataclasses.fields(cls)} - {"objective"}
+        return cls(
+            **{k: float(v) for k, v in flat.items() if k in named},
+            objective={k: float(v) for k, v in flat.items() if k not in named},
+        )
+
+    def as_json(self) -> dict[str, float]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "objective"}
+        if self.update_norm is None:
+            del out["update_norm"]
+        return out | self.objective
 
 
 _TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (SamplingParams, RolloutTask, Rollout, ResponseGroup, TensorEntry, WeightSnapshot, StepMetrics)
+    for cls in (
+        SamplingParams,
+        RolloutTask,
+        Rollout,
+        ResponseGroup,
+        TensorEntry,
+        WeightSnapshot,
+        LearnerStepMetrics,
+    )
 }
 
 

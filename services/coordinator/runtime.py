@@ -86,27 +86,32 @@ def _wait_ready(actors: list[Any], timeout_s: float) -> None:
     ray.get(done)
 
 
-def actor_states(actors: list[Any], timeout_s: float = 5.0) -> list[str]:
-    """``alive`` (answered a control call), ``dead`` (Ray gave up restarting it) or ``unresponsive``
-    (restarting, or busy past ``timeout_s``) for each actor."""
+def poll_stats(actors: list[Any], timeout_s: float = 5.0) -> list[tuple[str, dict[str, Any] | None]]:
+    """Each actor's ``stats()`` answer within ``timeout_s``, with its state: ``alive`` (answered, with its
+    stats), ``dead`` (Ray gave up restarting it) or ``unresponsive`` (restarting, or busy past the
+    timeout)."""
     import ray
 
     refs = [a.stats.remote() for a in actors]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     done = set(ready)
-    states = []
+    out: list[tuple[str, dict[str, Any] | None]] = []
     for ref in refs:
         if ref not in done:
-            states.append("unresponsive")
+            out.append(("unresponsive", None))
             continue
         try:
-            ray.get(ref)
-            states.append("alive")
+            out.append(("alive", ray.get(ref)))
         except ray.exceptions.ActorDiedError:
-            states.append("dead")
+            out.append(("dead", None))
         except ray.exceptions.RayError:  # the call failed on a live actor (e.g. while it restarts)
-            states.append("unresponsive")
-    return states
+            out.append(("unresponsive", None))
+    return out
+
+
+def actor_states(actors: list[Any], timeout_s: float = 5.0) -> list[str]:
+    """``alive``, ``dead`` or ``unresponsive`` for each actor (``poll_stats``)."""
+    return [state for state, _ in poll_stats(actors, timeout_s)]
 
 
 @dataclass

@@ -8,12 +8,15 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.common.metrics import Metrics
 from services.common.queue import StreamQueue
+from services.coordinator.intake import DROP_REASONS
 from services.coordinator.runtime import actor_states
-from services.learner.intake import DROP_REASONS
+
+if TYPE_CHECKING:
+    from services.coordinator.records import StepRecord
 
 logger = logging.getLogger(__name__)
 
@@ -48,21 +51,23 @@ class StepExporter:
         for reason in DROP_REASONS:
             metrics.zero("lpo_dropped_groups", reason=reason)
 
-    def step(self, record: dict[str, Any], lags: Sequence[int], published_bytes: int) -> None:
+    def step(self, record: StepRecord, published_bytes: int) -> None:
         m = self.metrics
+        flat = record.as_json()
         for key, (name, tags) in _STEP_GAUGES.items():
-            if key in record:
-                m.set(name, record[key], **tags)
-        for phase, seconds in record["phase_s"].items():
+            if key in flat:
+                m.set(name, flat[key], **tags)
+        for phase, seconds in record.phase_s.items():
             m.set("lpo_learner_phase_seconds", seconds, phase=phase)
-        m.observe("lpo_learner_step_seconds", record["step_s"])
-        m.observe("lpo_weights_publish_seconds", record["phase_s"].get("publish", 0.0))
+        m.observe("lpo_learner_step_seconds", record.step_s)
+        m.observe("lpo_weights_publish_seconds", record.phase_s.get("publish", 0.0))
         m.inc("lpo_weights_published_bytes", published_bytes)
-        m.inc("lpo_learner_idle_seconds", record["learner_idle_s"])
+        m.inc("lpo_learner_idle_seconds", record.learner_idle_s)
+        lags = [int(lag) for lag, n in record.lag_histogram.items() for _ in range(n)]
         for lag in lags:
             m.observe("lpo_policy_lag", lag)
         m.set("lpo_policy_lag_last_max", max(lags, default=0))
-        for reason, total in record["dropped"].items():
+        for reason, total in record.dropped.items():
             m.inc("lpo_dropped_groups", total - self._dropped.get(reason, 0), reason=reason)
             self._dropped[reason] = total
         m.inc("lpo_learner_steps")

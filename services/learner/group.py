@@ -13,7 +13,7 @@ from typing import Any
 import ray
 
 from services.common.config import RunConfig
-from services.common.messages import ResponseGroup, WeightSnapshot, encode
+from services.common.messages import LearnerStepMetrics, ResponseGroup, WeightSnapshot, encode
 from services.learner.actor import LearnerRank
 
 
@@ -51,9 +51,11 @@ class LearnerGroup:
         except ray.exceptions.RayActorError as exc:
             raise LearnerDied(f"a learner rank died during {what}: {exc}") from exc
 
-    def train(self, groups: list[ResponseGroup]) -> dict[str, float]:
+    def train(self, groups: list[ResponseGroup]) -> LearnerStepMetrics:
         ref = ray.put([encode(g) for g in groups])  # one copy in the object store for all ranks
-        return self._all("train", [r.train_step.remote(ref) for r in self.ranks])[0]
+        return LearnerStepMetrics.from_flat(
+            self._all("train", [r.train_step.remote(ref) for r in self.ranks])[0]
+        )
 
     def publish(self) -> WeightSnapshot:
         snapshot = self._all("publish", [r.publish.remote() for r in self.ranks])[0]

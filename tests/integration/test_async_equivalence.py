@@ -63,7 +63,7 @@ def _synchronous_reference(cfg) -> tuple[str, list[dict]]:
             metrics = rt.learner.train(groups)
             snapshot = rt.learner.publish()
             rewards = [r for g in groups for r in g.rewards]
-            records.append({**metrics, "reward_mean": sum(rewards) / len(rewards)})
+            records.append({**metrics.as_json(), "reward_mean": sum(rewards) / len(rewards)})
         return snapshot.sha256, records
     finally:
         rt.stop()

@@ -44,7 +44,7 @@ def _train_and_fetch(cfg, model_dir: str, redis_url: str, groups) -> dict[str, t
         snapshot = learner.publish()
     finally:
         learner.shutdown()
-    assert snapshot.version == 1 and np.isfinite(metrics["loss"])
+    assert snapshot.version == 1 and np.isfinite(metrics.loss)
     transport = RedisWeightTransport(redis_url, cfg.coordinator.run_name)
     return transport.fetch(snapshot)
 

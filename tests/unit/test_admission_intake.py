@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from services.common.messages import ResponseGroup, Rollout, RolloutTask
 from services.common.queue import entry_order
 from services.coordinator.admission import admission_limit, policy_lag, to_admit
-from services.learner.intake import GroupIntake
+from services.coordinator.intake import GroupIntake
 
 SHA = {v: hashlib.sha256(f"v{v}".encode()).hexdigest() for v in range(16)}
 

@@ -43,22 +43,13 @@ def test_round_trip_every_message_type() -> None:
     entry_a = m.TensorEntry("w", "float32", (2, 3), 0, 24)
     entry_b = m.TensorEntry("b", "float32", (3,), 24, 12)
     snapshot = m.WeightSnapshot(1, (entry_a, entry_b), 36, SHA, "redis", "lpo:run:w:1")
-    metrics = m.StepMetrics(
-        step=3,
-        policy_version=3,
-        wall_s=1.5,
-        groups=16,
-        reward_mean=0.4,
-        loss=-0.01,
-        grad_norm=0.7,
-        objective={"kl_forward": 0.02},
-        phase_s={"train": 1.0},
-        lag_histogram={0: 12, 1: 4},
-        dropped={"stale": 1},
-    )
+    metrics = m.LearnerStepMetrics(loss=-0.01, grad_norm=0.7, objective={"kl_forward": 0.02, "drift": 0.1})
     for msg in (_task(), _group(), _group(scored=False), snapshot, metrics, m.SamplingParams()):
         back = m.decode(m.encode(msg), expected=type(msg))
         assert back == msg and type(back) is type(msg)
+    flat = metrics.as_json()
+    assert flat["kl_forward"] == 0.02 and "update_norm" not in flat and "objective" not in flat
+    assert m.LearnerStepMetrics.from_flat(flat) == metrics
     g = m.decode(m.encode(_group()))
     assert g.rollouts[2].logprobs.dtype == np.float32 and g.rollouts[2].token_ids.dtype == np.int32
     assert g.group_id == "t-1" and g.task.reference["nums"] == (1, 2, 3)

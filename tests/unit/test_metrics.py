@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.messages import LearnerStepMetrics
 from services.common.metrics import SPECS, Metrics, MetricSpec, exported_name, exported_names
+from services.coordinator.intake import DROP_REASONS
+from services.coordinator.records import StepRecord
 from services.coordinator.telemetry import StepExporter
-from services.learner.intake import DROP_REASONS
 
 
 def test_names_follow_prometheus_conventions() -> None:
@@ -70,15 +72,18 @@ class _Recording(Metrics):
         self.calls.append(("zero", name, 0.0, tags))
 
 
-def _record(dropped: dict[str, int]) -> dict:
-    return {
-        "version": 3, "reward_mean": 0.4, "response_length_mean": 21.5,
-        "kl_forward": 0.02, "kl_reverse": 0.03,
-        "ess": 0.9, "clip_fraction": 0.01, "grad_norm": 0.5, "entropy": 1.2, "loss": -0.1,
-        "mismatch_mean": 1e-6, "mismatch_max": 1e-5, "abs_s_t_fresh": 1e-6, "abs_s_t_stale": 0.2,
-        "phase_s": {"admit": 0.01, "collect": 0.5, "train": 1.5, "publish": 0.1},
-        "step_s": 2.11, "learner_idle_s": 0.5, "dropped": dropped,
-    }  # fmt: skip
+def _record(dropped: dict[str, int], lags: dict[str, int]) -> StepRecord:
+    learner = LearnerStepMetrics.from_flat({
+        "kl_forward": 0.02, "kl_reverse": 0.03, "ess": 0.9, "clip_fraction": 0.01, "grad_norm": 0.5,
+        "entropy": 1.2, "loss": -0.1, "mismatch_mean": 1e-6, "mismatch_max": 1e-5, "abs_s_t_fresh": 1e-6,
+        "abs_s_t_stale": 0.2,
+    })  # fmt: skip
+    return StepRecord(
+        step=3, version=3, groups=4, reward_mean=0.4, response_length_mean=21.5, lag_histogram=lags,
+        length_histogram={}, dropped=dropped, dropped_length_histogram={}, dropped_reward_histogram={},
+        queue={}, generator_idle_s=0.0, learner_idle_s=0.5,
+        phase_s={"admit": 0.01, "collect": 0.5, "train": 1.5, "publish": 0.1}, step_s=2.11, learner=learner,
+    )  # fmt: skip
 
 
 def test_step_exporter_maps_a_record() -> None:
@@ -87,7 +92,7 @@ def test_step_exporter_maps_a_record() -> None:
     assert ("set", "lpo_policy_lag_max_allowed", 2, {}) in m.calls
     assert {c[3]["reason"] for c in m.calls if c[0] == "zero"} == set(DROP_REASONS)
     m.calls.clear()
-    exporter.step(_record({"stale": 2, "duplicate": 0}), lags=[0, 1, 1, 2], published_bytes=4096)
+    exporter.step(_record({"stale": 2, "duplicate": 0}, {"0": 1, "1": 2, "2": 1}), published_bytes=4096)
     sets = {(c[1], tuple(sorted(c[3].items()))): c[2] for c in m.calls if c[0] == "set"}
     assert sets[("lpo_learner_kl", (("direction", "reverse"),))] == 0.03
     assert sets[("lpo_learner_abs_s_t", (("groups", "stale"),))] == 0.2
@@ -100,7 +105,7 @@ def test_step_exporter_maps_a_record() -> None:
     assert ("inc", "lpo_dropped_groups", 2, {"reason": "stale"}) in m.calls
     m.calls.clear()
     # Drop totals are cumulative in the record: only the increase since the last step is counted.
-    exporter.step(_record({"stale": 5, "duplicate": 0}), lags=[1], published_bytes=4096)
+    exporter.step(_record({"stale": 5, "duplicate": 0}, {"1": 1}), published_bytes=4096)
     assert ("inc", "lpo_dropped_groups", 3, {"reason": "stale"}) in m.calls
     assert ("inc", "lpo_learner_steps", 1.0, {}) in m.calls
 

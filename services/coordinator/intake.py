@@ -1,4 +1,5 @@
-"""What the learner checks on receipt of a scored group, before it may be trained (pure logic).
+"""What is checked on receipt of a scored group, before the learner may train it (pure logic; the coordinator
+runs it as it hands groups to the learner).
 
 A group is trained only if the policy that sampled it is one the learner published (version in the
 snapshot history *and* the same sha256: behaviour tracking is verified, not assumed), its lag is
