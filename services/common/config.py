@@ -75,11 +75,13 @@ class EvalSetConfig(_Section):
 class DataConfig(_Section):
     """Where prompts come from."""
 
-    task: Literal["countdown", "math"] = "countdown"
-    """Task kind; selects the dataset format and the verifier rule (``countdown`` or ``math``)."""
+    task: Literal["countdown", "math", "code"] = "countdown"
+    """Task kind; selects the dataset format and the verifier rule (``countdown``, ``math``, or ``code``:
+    Python programs run against the problem's tests in the verifier's sandbox)."""
     train_path: str | None = None
     """Training problems, JSONL or Parquet, local or ``hf://datasets/<owner>/<name>/<file>``: Countdown-Tasks
-    rows (``nums``, ``target``) or MATH rows (``problem`` + ``answer`` or a ``solution`` with ``\\boxed``).
+    rows (``nums``, ``target``), MATH rows (``problem`` + ``answer`` or a ``solution`` with ``\\boxed``) or
+    code rows (a prompt and tests: native, PRIME/verl ground truth, APPS/TACO; services/common/data/code.py).
     None generates Countdown problems (countdown only)."""
     eval_path: str | None = None
     """Held-out problems file (same formats; the first ``coordinator.eval_problems`` are used); None uses
@@ -116,11 +118,11 @@ class DataConfig(_Section):
         if self.max_nums < self.min_nums:
             raise ValueError(f"max_nums ({self.max_nums}) must be >= min_nums ({self.min_nums})")
         has_eval = self.eval_path is not None if not self.eval_sets else all(e.path for e in self.eval_sets)
-        if self.task == "math" and (self.train_path is None or not has_eval):
+        if self.task != "countdown" and (self.train_path is None or not has_eval):
             raise ValueError(
-                "task 'math' needs data.train_path and an evaluation file (data.eval_path, or a path on "
-                "every data.eval_sets entry; MATH-style files or hf://datasets/... paths); only Countdown "
-                "problems can be generated"
+                f"task {self.task!r} needs data.train_path and an evaluation file (data.eval_path, or a path "
+                "on every data.eval_sets entry; local or hf://datasets/... paths); only Countdown problems "
+                "can be generated"
             )
         if self.eval_sets and self.eval_path is not None:
             raise ValueError(

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.common.config import EvalSetConfig, RunConfig
+from services.common.data.code import load_code_problems
 from services.common.data.countdown import CountdownProblem, generate_problems, load_countdown_tasks
 from services.common.data.math import load_math_problems
-from services.common.data.problems import Problem, countdown_problem, math_problem
+from services.common.data.problems import Problem, code_problem, countdown_problem, math_problem
 from services.common.messages import RolloutTask, SamplingParams
 from services.coordinator.evaluation import EvalSet
 
@@ -20,6 +21,8 @@ def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
     data = cfg.data
     if data.task == "math":
         return [math_problem(p, data.prompt_template) for p in load_math_problems(path)]
+    if data.task == "code":
+        return [code_problem(p, data.prompt_template) for p in load_code_problems(path)]
     return [countdown_problem(p, data.prompt_template) for p in load_countdown_tasks(path)]
 
 

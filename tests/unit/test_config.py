@@ -69,7 +69,8 @@ def test_override_values_are_typed() -> None:
         ("coordinator.run_name=a/b", ["coordinator.run_name", "'a/b'"]),
         ("data.task=math", ["task 'math' needs data.train_path and an evaluation file (data.eval_path"]),
         ("data.prompt_template=r1", ["'tiny:countdown' only knows", "prompt_template 'r1'"]),
-        ("data.task=code", ["data.task", "'countdown'", "'math'"]),
+        ("data.task=sql", ["data.task", "'countdown'", "'math'", "'code'"]),
+        ("data.task=code", ["task 'code' needs data.train_path and an evaluation file"]),
     ],
 )
 def test_errors_name_field_value_and_fix(override: str, expected: list[str]) -> None:

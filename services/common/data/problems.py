@@ -13,6 +13,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from services.common.data.code import CodeProblem
 from services.common.data.countdown import CountdownProblem, format_prompt
 from services.common.data.math import MathProblem
 
@@ -57,3 +58,14 @@ def math_problem(p: MathProblem, template: Template = "plain") -> Problem:
     else:
         prompt = f"{R1_PREAMBLE}\nUser: {p.problem}\n{MATH_INSTRUCTION}\nAssistant: <think>"
     return Problem(prompt, {"answer": p.answer}, ("math", " ".join(p.problem.split())))
+
+
+def code_problem(p: CodeProblem, template: Template = "plain") -> Problem:
+    """``plain``: the statement as given; ``r1``: inside the R1-Zero conversation, asking for one fenced
+    Python program (the ``code`` rule scores the last fenced block)."""
+    if template == "plain":
+        prompt = p.prompt
+    else:
+        ask = "Write a complete Python 3 program in one ```python code block."
+        prompt = f"{R1_PREAMBLE}\nUser: {p.prompt}\n{ask}\nAssistant: <think>"
+    return Problem(prompt, p.reference(), ("code", " ".join(p.prompt.split())))
