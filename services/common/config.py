@@ -343,6 +343,10 @@ class WeightsConfig(_Section):
     """Largest Redis value per payload chunk (Redis caps values at 512 MB)."""
     keep_versions: int = Field(3, ge=1, le=1000)
     """Snapshots kept before garbage collection."""
+    redis_budget_mb: float = Field(2048.0, gt=0.0)
+    """Most snapshot bytes the ``redis`` transport may hold (snapshot size x ``keep_versions``, MiB). Redis
+    keeps every value in memory and writes it to its append-only file, so a run whose model exceeds this
+    is refused at start with the sizes: use ``transport: object_store`` for such models."""
 
 
 class MetricsConfig(_Section):

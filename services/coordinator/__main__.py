@@ -6,6 +6,7 @@ with ``--resume``); 5 the Redis state does not fit the run (a fresh run over an 
 import logging
 from pathlib import Path
 
+from services.common.config import ConfigError
 from services.coordinator.cli import dry_run, parse_args, resolve
 
 
@@ -32,6 +33,9 @@ def main() -> None:
     except RunStateError as exc:
         log.error("%s", exc)
         raise SystemExit(5) from None
+    except ConfigError as exc:  # found once the model is known (e.g. its snapshots exceed a budget)
+        log.error("%s", exc)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.config import RunConfig
+from services.common.config import ConfigError, RunConfig
 from services.common.paths import project_cache_dir, set_cache_env
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,39 @@ def resolve_model(path: str) -> str:
     from huggingface_hub import snapshot_download  # real hub loading for cluster runs
 
     return snapshot_download(repo_id=path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def snapshot_nbytes(model_dir: str | Path, dtype: str) -> int:
+    """Bytes of one weight snapshot of the checkpoint in ``model_dir`` published in ``dtype``: every tensor
+    of its safetensors files (headers only), as the learner sends them."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}; the learner needs a HF checkpoint")
+    elements = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                elements += math.prod(handle.get_slice(name).get_shape())
+    return elements * _DTYPE_BYTES[dtype]
+
+
+def check_weight_budget(cfg: RunConfig, nbytes: int) -> None:
+    """Refuse a ``redis`` transport whose kept snapshots would exceed ``weights.redis_budget_mb``."""
+    w = cfg.weights
+    held_mb = nbytes * w.keep_versions / 2**20
+    if w.transport == "redis" and held_mb > w.redis_budget_mb:
+        raise ConfigError(
+            f"weights.transport=redis would hold {held_mb:,.0f} MiB of snapshots in Redis "
+            f"({nbytes / 2**20:,.0f} MiB per snapshot x weights.keep_versions={w.keep_versions}), over "
+            "weights.redis_budget_mb="
+            f"{w.redis_budget_mb:g}: set weights.transport=object_store (snapshots through the Ray object "
+            "store, never in Redis or its append-only file), or lower keep_versions / raise the budget"
+        )
 
 
 def _job_env_vars() -> set[str]:
@@ -138,6 +172,7 @@ class Runtime:
 
         set_cache_env()
         model_dir = resolve_model(cfg.model.path)
+        check_weight_budget(cfg, snapshot_nbytes(model_dir, cfg.model.dtype))
         redis_url, server = connect(cfg.queue.redis_url, data_dir=redis_dir)
         rt = cls(cfg=cfg, redis_url=redis_url, model_dir=model_dir, redis_server=server)
         try:
