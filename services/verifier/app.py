@@ -2,8 +2,10 @@
 
 Routes: ``POST /v1/verify`` (score a batch now), ``POST /v1/tasks`` + ``GET /v1/tasks/{id}`` (score a
 long batch in the background, results in Redis), ``POST /run_code`` (SandboxFusion-compatible),
-``GET /healthz`` (no auth), ``GET /metrics`` (Prometheus) and the OpenAPI docs. Items are scored by the
-same rule objects as the queue worker (``rules.get_rule``), so both paths give identical results.
+``GET /healthz`` (no auth), ``GET /metrics`` (Prometheus) and the OpenAPI docs (``/docs``, ``/redoc``,
+their JS and CSS served from the installed ``fastapi-offline`` package, so they render with no network).
+Items are scored by the same rule objects as the queue worker (``rules.get_rule``), so both paths give
+identical results. A background task belongs to the API key that submitted it (see ``tasks_store``).
 
 Guards, outermost first: bearer API keys (401 missing, 403 wrong; every path but ``/healthz``), the
 request body limit (413), then per route the schema (422 naming the field), batch and item size (413)
@@ -28,9 +30,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, HTTPException, Path
+from fastapi import FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -57,12 +61,30 @@ from services.verifier.api_models import (
 from services.verifier.rules import RULES, configure_rules, get_rule
 from services.verifier.sandbox.interface import ExecRequest, Limits, Sandbox
 from services.verifier.sandbox.probe import ProbeResult, run_canary, select_sandbox
-from services.verifier.tasks_store import RedisTaskStore, TaskConflictError, TaskRecord, TaskStore
+from services.verifier.tasks_store import (
+    OPEN_OWNER,
+    RedisTaskStore,
+    TaskConflictError,
+    TaskRecord,
+    TaskStore,
+    owner_of,
+)
 
 log = logging.getLogger(__name__)
 
 API_KEYS_ENV = "LPO_VERIFIER_API_KEYS"
 OPEN_PATHS = frozenset({"/healthz"})
+DOCS_ASSETS = "/docs-static"  # Swagger UI / ReDoc JS, CSS and favicon (behind the key like /docs)
+# The docs pages may load only what the service itself serves: ReDoc's sidebar logo (cdn.redoc.ly) and
+# Swagger UI's validator badge would otherwise reach out of an air-gapped cluster. Inline script and styles
+# are the pages' own bootstrap and the bundles' CSS-in-JS; ReDoc's search runs in a blob: worker.
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+# Where AuthMiddleware records the caller's task owner in the ASGI scope (as Starlette's scope["user"]).
+OWNER_SCOPE_KEY = "lpo_task_owner"
 _CANARY_MAX_AGE_S = 5.0
 
 Scope = MutableMapping[str, Any]
@@ -97,13 +119,20 @@ async def _json_error(
 
 
 class AuthMiddleware:
-    """Bearer keys on every path but ``/healthz``; keys are compared in constant time."""
+    """Bearer keys on every path but ``/healthz``; keys are compared in constant time. An accepted
+    request carries its key's task owner in ``scope[OWNER_SCOPE_KEY]`` (``OPEN_OWNER`` without keys)."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[str], on_reject: Callable[[str], None]) -> None:
-        self.app, self.keys, self.on_reject = app, [k.encode() for k in keys], on_reject
+        self.app, self.on_reject = app, on_reject
+        self.keys = [(k.encode(), owner_of(k.encode())) for k in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if not self.keys:  # loopback-only mode: every caller is the one open owner
+            scope[OWNER_SCOPE_KEY] = OPEN_OWNER
+            return await self.app(scope, receive, send)
+        if scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
@@ -116,9 +145,11 @@ class AuthMiddleware:
                 [(b"www-authenticate", b"Bearer")],
             )
         token = token.strip()
-        if not any(hmac.compare_digest(token, key) for key in self.keys):
+        owners = [owner for key, owner in self.keys if hmac.compare_digest(token, key)]  # every key compared
+        if not owners:
             self.on_reject("403")
             return await _json_error(send, 403, "API key not accepted")
+        scope[OWNER_SCOPE_KEY] = owners[0]
         return await self.app(scope, receive, send)
 
 
@@ -286,22 +317,23 @@ class VerifierService:
         """All items, at most ``max_concurrency`` at once; the first ``ItemError`` is raised."""
         return list(await asyncio.gather(*(self._slot(self.score_item, i, it) for i, it in enumerate(items))))
 
-    async def run_task(self, task_id: str, items: Sequence[VerifyItem]) -> None:
+    async def run_task(self, owner: str, task_id: str, items: Sequence[VerifyItem]) -> None:
         assert self.store is not None
-        await anyio.to_thread.run_sync(self.store.mark_running, task_id)
+        store = self.store
+        await anyio.to_thread.run_sync(store.mark_running, owner, task_id)
         try:
             results = await self.score_batch(items)
         except ItemError as exc:
-            await anyio.to_thread.run_sync(self.store.finish, task_id, None, str(exc))
+            await anyio.to_thread.run_sync(store.finish, owner, task_id, None, str(exc))
             return
         except Exception as exc:  # the task records it; the service keeps serving
             log.exception("background task %s failed", task_id)
-            await anyio.to_thread.run_sync(self.store.finish, task_id, None, f"{type(exc).__name__}: {exc}")
+            await anyio.to_thread.run_sync(store.finish, owner, task_id, None, f"{type(exc).__name__}: {exc}")
             return
         finally:
             self.release()
         dumped = [r.model_dump() for r in results]
-        await anyio.to_thread.run_sync(self.store.finish, task_id, dumped)
+        await anyio.to_thread.run_sync(store.finish, owner, task_id, dumped)
 
     def run_code(self, req: RunCodeRequest) -> RunCodeResponse:
         """``/run_code``: the program as ``main.py`` (plus base64 ``files``) under the service's caps."""
@@ -419,6 +451,8 @@ def create_app(
         version="1.0",
         summary="Scores RL rollouts (countdown, math, code, exact, regex) with sandboxed code execution.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load from a CDN: _docs_routes serves them from this service
+        redoc_url=None,
     )
 
     def service() -> VerifierService:
@@ -427,6 +461,7 @@ def create_app(
         return holder["service"]
 
     _routes(app, service)
+    _docs_routes(app)
 
     def rejected(code: str) -> None:
         if "service" in holder:
@@ -486,18 +521,58 @@ def _routes(app: FastAPI, service: Callable[[], VerifierService]) -> None:
         return Response(generate_latest(service().metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def _docs_routes(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` with their JS, CSS and favicon from the installed
+    ``fastapi-offline`` package, so they render with no network; ``DOCS_CSP`` keeps them on the service."""
+    app.mount(DOCS_ASSETS, StaticFiles(packages=[("fastapi_offline", "static")]), name="docs-static")
+
+    def assets(request: Request) -> tuple[str, str]:
+        root = request.scope.get("root_path", "")  # behind a path prefix (Ray Serve, a proxy)
+        return f"{root}{app.openapi_url}", f"{root}{DOCS_ASSETS}"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        spec, static = assets(request)
+        page = get_swagger_ui_html(
+            openapi_url=spec,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{static}/swagger-ui-bundle.js",
+            swagger_css_url=f"{static}/swagger-ui.css",
+            swagger_favicon_url=f"{static}/favicon.png",
+            oauth2_redirect_url=None,
+            swagger_ui_parameters={"validatorUrl": None},  # no badge from validator.swagger.io
+        )
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        spec, static = assets(request)
+        page = get_redoc_html(
+            openapi_url=spec,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{static}/redoc.standalone.js",
+            redoc_favicon_url=f"{static}/favicon.png",
+            with_google_fonts=False,
+        )
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+
 def _task_routes(app: FastAPI, service: Callable[[], VerifierService]) -> None:
     @app.post("/v1/tasks", status_code=202, response_model=TaskState, tags=["tasks"])
-    async def submit_task(body: TaskSubmit, response: Response) -> TaskState:
-        """Queue a batch for background scoring; the same ``client_id`` returns the same task."""
+    async def submit_task(body: TaskSubmit, response: Response, request: Request) -> TaskState:
+        """Queue a batch for background scoring; the same ``client_id`` (from the same API key) returns
+        the same task. Tasks and client ids are private to the API key that submitted them."""
         svc = service()
         if svc.store is None:
             raise HTTPException(503, "background tasks need Redis: start the service with --redis-url")
+        owner = _task_owner(request)
         svc.check_batch(body.items)
         dumped = [item.model_dump(by_alias=True) for item in body.items]
         svc.admit()  # released when the background run ends, or now if nothing new was queued
         try:
-            record, created = await anyio.to_thread.run_sync(svc.store.submit, body.client_id, dumped)
+            record, created = await anyio.to_thread.run_sync(svc.store.submit, owner, body.client_id, dumped)
         except TaskConflictError as exc:
             svc.release()
             raise HTTPException(409, str(exc)) from None
@@ -505,7 +580,7 @@ def _task_routes(app: FastAPI, service: Callable[[], VerifierService]) -> None:
             svc.release()
             raise
         if created:
-            task = asyncio.create_task(svc.run_task(record.task_id, body.items))
+            task = asyncio.create_task(svc.run_task(owner, record.task_id, body.items))
             svc.background.add(task)
             task.add_done_callback(svc.background.discard)
         else:
@@ -514,12 +589,23 @@ def _task_routes(app: FastAPI, service: Callable[[], VerifierService]) -> None:
         return _task_state(record)
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskState, tags=["tasks"])
-    async def get_task(task_id: str = Path(pattern=r"^[0-9a-f]{32}$")) -> TaskState:
-        """A task's status and, once done, its results."""
+    async def get_task(request: Request, task_id: str = Path(pattern=r"^[0-9a-f]{32}$")) -> TaskState:
+        """A task's status and, once done, its results (404 to any API key but the one that submitted it)."""
         svc = service()
         if svc.store is None:
             raise HTTPException(503, "background tasks need Redis: start the service with --redis-url")
-        record = await anyio.to_thread.run_sync(svc.store.get, task_id)
-        if record is None:
-            raise HTTPException(404, f"no task {task_id!r} (unknown, or expired after verifier.task_ttl_s)")
+        record = await anyio.to_thread.run_sync(svc.store.get, _task_owner(request), task_id)
+        if record is None:  # another key's task reads exactly like an unknown one
+            raise HTTPException(
+                404,
+                f"no task {task_id!r} for this API key (unknown, submitted with another key, or expired "
+                "after verifier.task_ttl_s)",
+            )
         return _task_state(record)
+
+
+def _task_owner(request: Request) -> str:
+    owner = request.scope.get(OWNER_SCOPE_KEY)
+    if owner is None:  # fail closed: never a task without an owner
+        raise RuntimeError(f"no {OWNER_SCOPE_KEY!r} in the request scope: is AuthMiddleware installed?")
+    return str(owner)

@@ -1,12 +1,15 @@
 """Redis-backed background tasks of the REST service (``POST /v1/tasks``, ``GET /v1/tasks/{id}``).
 
-Layout, every key with the TTL ``verifier.task_ttl_s``:
-- ``{prefix}:task:{task_id}``: a hash with ``status`` (queued | running | done | failed), ``items``
-  (count), ``digest`` (sha256 of the submitted items), ``submitted_at``, ``finished_at``, ``results``
-  (JSON list) and ``error``;
-- ``{prefix}:client:{client_id}``: the task id a client id maps to. ``SET NX`` makes a resubmission with
-  the same client id return the same task (idempotent); a resubmission with *different* items is a
-  conflict, not a silent second task.
+Tasks belong to the API key that submitted them: every Redis key of a task names its *owner*, a hash of
+the API key (``owner_of``; never the key itself), so another API key can neither read the task by its id
+nor collide with its client ids. Without API keys every caller is ``OPEN_OWNER``. Layout, every key with
+the TTL ``verifier.task_ttl_s``:
+- ``{prefix}:{owner}:task:{task_id}``: a hash with ``status`` (queued | running | done | failed),
+  ``items`` (count), ``digest`` (sha256 of the submitted items), ``submitted_at``, ``finished_at``,
+  ``results`` (JSON list) and ``error``;
+- ``{prefix}:{owner}:client:{client_id}``: the task id a client id maps to. ``SET NX`` makes a
+  resubmission with the same client id return the same task (idempotent); a resubmission with *different*
+  items is a conflict, not a silent second task.
 
 The replica that accepted a task runs it; if that replica dies the task stays ``running`` until its TTL
 expires (the client resubmits under a new client id).
@@ -24,6 +27,14 @@ from typing import Any, Protocol
 import redis
 
 DEFAULT_PREFIX = "lpo:verifier"
+# The owner of every task when the service runs without API keys (loopback only): one shared scope. It
+# cannot clash with a key's owner, which is 32 hex digits.
+OPEN_OWNER = "open"
+
+
+def owner_of(api_key: bytes) -> str:
+    """The owner id of an API key: a domain-separated sha256, so Redis never holds the key itself."""
+    return hashlib.sha256(b"lpo-verifier-task-owner\0" + api_key).hexdigest()[:32]
 
 
 class TaskConflictError(ValueError):
@@ -46,15 +57,22 @@ class TaskRecord:
 class TaskStore(Protocol):
     """Where background tasks live (Redis in the service, anything with these methods in tests)."""
 
-    def submit(self, client_id: str | None, items: list[dict[str, Any]]) -> tuple[TaskRecord, bool]:
-        """Store a new task (or find the one ``client_id`` already names); returns (record, created)."""
+    def submit(
+        self, owner: str, client_id: str | None, items: list[dict[str, Any]]
+    ) -> tuple[TaskRecord, bool]:
+        """Store a new task of ``owner`` (or find the one ``client_id`` already names for that owner);
+        returns (record, created)."""
         ...
 
-    def get(self, task_id: str) -> TaskRecord | None: ...
+    def get(self, owner: str, task_id: str) -> TaskRecord | None:
+        """The task, or None when it is unknown, expired or another owner's."""
+        ...
 
-    def mark_running(self, task_id: str) -> None: ...
+    def mark_running(self, owner: str, task_id: str) -> None: ...
 
-    def finish(self, task_id: str, results: list[dict[str, Any]] | None, error: str | None = None) -> None:
+    def finish(
+        self, owner: str, task_id: str, results: list[dict[str, Any]] | None, error: str | None = None
+    ) -> None:
         """Record the results (status done) or an error (status failed)."""
         ...
 
@@ -71,19 +89,21 @@ class RedisTaskStore:
             raise ValueError(f"RedisTaskStore ttl_s must be >= 1, got {ttl_s}")
         self.client, self.ttl_s, self.prefix = client, ttl_s, prefix
 
-    def _task_key(self, task_id: str) -> str:
-        return f"{self.prefix}:task:{task_id}"
+    def _task_key(self, owner: str, task_id: str) -> str:
+        return f"{self.prefix}:{_checked(owner)}:task:{task_id}"
 
-    def submit(self, client_id: str | None, items: list[dict[str, Any]]) -> tuple[TaskRecord, bool]:
+    def submit(
+        self, owner: str, client_id: str | None, items: list[dict[str, Any]]
+    ) -> tuple[TaskRecord, bool]:
         digest = items_digest(items)
         task_id = uuid.uuid4().hex
         if client_id is not None:
-            client_key = f"{self.prefix}:client:{client_id}"
+            client_key = f"{self.prefix}:{_checked(owner)}:client:{client_id}"
             if not self.client.set(client_key, task_id, nx=True, ex=self.ttl_s):
                 existing = self.client.get(client_key)
-                record = self.get(existing.decode()) if existing else None
+                record = self.get(owner, existing.decode()) if existing else None
                 if record is not None:
-                    stored = self.client.hget(self._task_key(record.task_id), "digest")
+                    stored = self.client.hget(self._task_key(owner, record.task_id), "digest")
                     if stored is not None and stored.decode() != digest:
                         raise TaskConflictError(
                             f"client_id {client_id!r} was already used for task {record.task_id} with "
@@ -93,15 +113,15 @@ class RedisTaskStore:
                 self.client.set(client_key, task_id, ex=self.ttl_s)  # the old task expired: reuse the id
         now = time.time()
         fields = {"status": "queued", "items": len(items), "digest": digest, "submitted_at": repr(now)}
-        key = self._task_key(task_id)
+        key = self._task_key(owner, task_id)
         pipe = self.client.pipeline()
         pipe.hset(key, mapping=fields)
         pipe.expire(key, self.ttl_s)
         pipe.execute()
         return TaskRecord(task_id, "queued", len(items), now, None, None, None), True
 
-    def get(self, task_id: str) -> TaskRecord | None:
-        raw = self.client.hgetall(self._task_key(task_id))
+    def get(self, owner: str, task_id: str) -> TaskRecord | None:
+        raw = self.client.hgetall(self._task_key(owner, task_id))
         if not raw:
             return None
         data = {k.decode(): v.decode() for k, v in raw.items()}
@@ -115,17 +135,31 @@ class RedisTaskStore:
             error=data.get("error"),
         )
 
-    def mark_running(self, task_id: str) -> None:
-        self.client.hset(self._task_key(task_id), "status", "running")
+    def mark_running(self, owner: str, task_id: str) -> None:
+        self.client.hset(self._task_key(owner, task_id), "status", "running")
 
-    def finish(self, task_id: str, results: list[dict[str, Any]] | None, error: str | None = None) -> None:
+    def finish(
+        self, owner: str, task_id: str, results: list[dict[str, Any]] | None, error: str | None = None
+    ) -> None:
         fields: dict[str, str] = {"finished_at": repr(time.time())}
         if error is None:
             fields |= {"status": "done", "results": json.dumps(results or [])}
         else:
             fields |= {"status": "failed", "error": error}
-        key = self._task_key(task_id)
+        key = self._task_key(owner, task_id)
         pipe = self.client.pipeline()
         pipe.hset(key, mapping=fields)
         pipe.expire(key, self.ttl_s)
         pipe.execute()
+
+
+def _checked(owner: str) -> str:
+    # An owner is OPEN_OWNER or an owner_of() digest: anything else (an empty string, a raw key with a
+    # colon) would put tasks outside every scope, so it is a bug at the caller.
+    if owner != OPEN_OWNER and not (len(owner) == 32 and all(c in "0123456789abcdef" for c in owner)):
+        # The value is not echoed: a caller that passed the API key itself would log it.
+        raise ValueError(
+            f"task owner must be {OPEN_OWNER!r} or an owner_of(key) digest (32 hex digits), got a "
+            f"{len(owner)}-character string; pass owner_of(key), never the key"
+        )
+    return owner

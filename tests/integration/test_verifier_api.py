@@ -1,7 +1,8 @@
 """The REST service as a user runs it: ``python -m services.verifier serve`` in a subprocess, spoken to over
 HTTP. Auth (401/403, ``/healthz`` open), body/item/batch limits (413), schema errors (422 naming the
-field), admission (429), background tasks in Redis (202, idempotent, 409, 404), the SandboxFusion
-``/run_code`` contract that verl's client relies on, metrics, docs, and the loopback-only rule."""
+field), admission (429), background tasks in Redis (202, idempotent, 409, 404, private to the submitting
+key), the SandboxFusion ``/run_code`` contract that verl's client relies on, metrics, docs (their assets
+served by the service), and the loopback-only rule."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from services.verifier.app import API_KEYS_ENV
 REPO = Path(__file__).resolve().parents[2]
 KEY = "test-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+AUTH_2 = {"Authorization": "Bearer test-key-2"}
 SETTINGS = {
     "verifier.max_concurrency": 1,
     "verifier.max_waiting": 0,
@@ -76,13 +78,15 @@ def test_healthz_is_open_and_reports_the_backend(server: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/v1/verify", "/openapi.json", "/docs", "/metrics", "/v1/tasks/" + "0" * 32]
-)
+    "path",
+    ["/v1/verify", "/openapi.json", "/docs", "/redoc", "/docs-static/swagger-ui.css", "/metrics",
+     "/v1/tasks/" + "0" * 32],
+)  # fmt: skip
 def test_every_other_path_needs_a_key(server: str, path: str) -> None:
     missing = httpx.get(f"{server}{path}")
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{server}{path}", headers={"Authorization": "Bearer nope"}).status_code == 403
-    second_key = httpx.get(f"{server}{path}", headers={"Authorization": "Bearer test-key-2"})
+    second_key = httpx.get(f"{server}{path}", headers=AUTH_2)
     assert second_key.status_code not in (401, 403)
 
 
@@ -158,6 +162,38 @@ def test_background_tasks_are_idempotent_and_kept_in_redis(server: str) -> None:
     assert httpx.get(f"{server}/v1/tasks/not-an-id", headers=AUTH).status_code == 422
 
 
+def _wait_done(server: str, task_id: str, headers: dict[str, str]) -> dict:
+    deadline = time.monotonic() + 30
+    while (state := httpx.get(f"{server}/v1/tasks/{task_id}", headers=headers).json())["status"] != "done":
+        assert state["status"] in ("queued", "running") and time.monotonic() < deadline, state
+        time.sleep(0.1)
+    return state
+
+
+def test_a_task_is_private_to_the_key_that_submitted_it(server: str) -> None:
+    mine, theirs = [_countdown("a")], [_countdown("x", "nope")]
+    first = httpx.post(f"{server}/v1/tasks", json={"client_id": "job-1", "items": mine}, headers=AUTH)
+    assert first.status_code == 202
+    task_a = first.json()["task_id"]
+    # The second key picks the same client id for its own batch: a task of its own, not a 409 or A's task.
+    second = httpx.post(f"{server}/v1/tasks", json={"client_id": "job-1", "items": theirs}, headers=AUTH_2)
+    assert second.status_code == 202 and second.json()["task_id"] != task_a
+    task_b = second.json()["task_id"]
+    # B's "job-1" names B's task: reusing it with other items conflicts with that one, never with A's.
+    reuse = httpx.post(f"{server}/v1/tasks", json={"client_id": "job-1", "items": mine}, headers=AUTH_2)
+    assert reuse.status_code == 409 and task_b in reuse.text and task_a not in reuse.text
+    assert [r["id"] for r in _wait_done(server, task_a, AUTH)["results"]] == ["a"]
+    assert [(r["id"], r["status"]) for r in _wait_done(server, task_b, AUTH_2)["results"]] == [
+        ("x", "parse_error")
+    ]
+    # Each key reads only its own task; the other's id is as unknown as a made-up one.
+    for task_id, stranger in ((task_a, AUTH_2), (task_b, AUTH)):
+        reply = httpx.get(f"{server}/v1/tasks/{task_id}", headers=stranger)
+        assert reply.status_code == 404 and "results" not in reply.text, reply.text
+    again = httpx.post(f"{server}/v1/tasks", json={"client_id": "job-1", "items": mine}, headers=AUTH)
+    assert again.status_code == 202 and again.json()["task_id"] == task_a
+
+
 def test_run_code_speaks_sandbox_fusion(server: str) -> None:
     # Exactly the payload verl's sandbox_fusion client sends, read the way it reads the reply.
     payload = {"compile_timeout": 10, "run_timeout": 10, "code": "print(int(input()) * 2)", "stdin": "21",
@@ -185,7 +221,11 @@ def test_metrics_and_docs(server: str) -> None:
     assert {"/v1/verify", "/v1/tasks", "/v1/tasks/{task_id}", "/run_code", "/healthz", "/metrics"} <= set(
         spec["paths"]
     )
-    assert httpx.get(f"{server}/docs", headers=AUTH).status_code == 200
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(f"{server}{page}", headers=AUTH)
+        assert html.status_code == 200 and "/docs-static/" in html.text and "cdn." not in html.text
+    js = httpx.get(f"{server}/docs-static/swagger-ui-bundle.js", headers=AUTH)
+    assert js.status_code == 200 and "SwaggerUIBundle" in js.text
 
 
 def test_cli_refuses_a_public_bind_without_a_key() -> None:
