@@ -1,0 +1,289 @@
+"""End-to-end throughput against a peer: TRL's ``GRPOTrainer`` and this project's loop (sync and async) on the
+same model, prompts, batch, lengths and learning rate, on this machine.
+
+Both sides: the shipped tiny Countdown model in fp32, the same RL prompts in the same order, 16 prompts x 8
+responses per generation batch, at most 48 new tokens at temperature 1.0, lr 1.5e-4, two optimizer updates
+per generation batch (TRL: ``per_device_train_batch_size`` 64 x ``steps_per_generation`` 2; the project:
+``updates_per_batch`` 2), no KL term, the Countdown reward of ``services/verifier/rules/countdown.py``.
+TRL runs in its own environment (``.bench/trl-venv`` from ``requirements/bench-trl.txt``, built by
+``--setup``), never in the project's runtime. Each system runs ``--steps`` generation batches; the figures
+are medians over the batches after ``--warmup``.
+
+Writes ``bench/results/peer_trl.json`` (completions/s, tokens/s, seconds per phase, CPU-seconds per
+completion for each system) and ``peer_trl.png``. Ratios from one run on a quiet machine; never read a
+figure from a run taken beside another benchmark or study.
+
+    python bench/peer_trl.py --setup            # once: the TRL environment
+    python bench/peer_trl.py [--steps 30] [--warmup 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, RESULTS, read_jsonl, run_coordinator
+
+VENV = REPO / ".bench" / "trl-venv"
+PROMPTS, K, MAX_TOKENS, LR = 16, 8, 48, 1.5e-4
+
+# Runs inside the TRL environment: GRPOTrainer on the tiny model with the project's Countdown reward.
+_TRL_CHILD = r"""
+import importlib.util, json, sys, time
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+model_dir, rows_path, out_path = sys.argv[1:4]
+steps, threads = int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(threads)
+spec = importlib.util.spec_from_file_location("countdown_rule", sys.argv[6])
+rule = sys.modules["countdown_rule"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(rule)
+rows = [json.loads(line) for line in open(rows_path)]
+data = Dataset.from_list([{"prompt": r["prompt"], "nums": r["nums"], "target": r["target"]} for r in rows])
+
+def reward(prompts, completions, nums, target, **_):
+    refs = [{"nums": n, "target": t} for n, t in zip(nums, target)]
+    return [rule.countdown_rule(c, ref).reward for c, ref in zip(completions, refs)]
+
+class Clock(TrainerCallback):
+    def __init__(self): self.marks = []
+    def on_step_end(self, args, state, control, **kw): self.marks.append(time.perf_counter())
+
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+cfg = GRPOConfig(
+    output_dir=out_path + ".trainer", per_device_train_batch_size=%(per_device)d, steps_per_generation=2,
+    num_generations=%(k)d, max_completion_length=%(max_tokens)d, learning_rate=%(lr)g, beta=0.0,
+    num_iterations=1,
+    temperature=1.0, top_p=1.0, max_steps=2 * steps, logging_steps=1, save_strategy="no", report_to="none",
+    use_cpu=True, bf16=False, seed=0, shuffle_dataset=False, lr_scheduler_type="constant", warmup_steps=0,
+    weight_decay=0.1, max_grad_norm=1.0, dataloader_num_workers=0,
+)
+clock = Clock()
+trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
+                      callbacks=[clock])
+start = time.perf_counter()
+trainer.train()
+logs = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
+json.dump({"start": start, "step_marks": clock.marks, "logs": logs}, open(out_path, "w"))
+"""
+
+
+def setup() -> None:
+    """``.bench/trl-venv`` with ``requirements/bench-trl.txt`` (torch and transformers as in the project)."""
+    if not (VENV / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, "-r", str(REPO / "requirements" / "bench-trl.txt")], check=True)
+    subprocess.run(
+        [
+            str(VENV / "bin" / "python"),
+            "-m",
+            "pip",
+            "uninstall",
+            "-y",
+            "-q",
+            "torchvision",
+            "torchaudio",
+            "torchcodec",
+            "triton",
+        ],
+        check=False,
+    )
+
+
+def _prompt_rows(n: int, path: Path) -> None:
+    """The RL prompts the project's run would admit first, in its order (task stream positions 0..n-1)."""
+    from services.common.config import load_config
+    from services.coordinator.tasks import TaskSource, eval_sets, rl_exclusions, training_problems
+
+    cfg = load_config(REPO / "configs" / "countdown-tiny.yaml")
+    held = [p for s in eval_sets(cfg) for p in s.problems]
+    source = TaskSource(cfg, training_problems(cfg, exclude=rl_exclusions(cfg, held)), tokenizer=None)
+    with path.open("w") as fh:
+        for i in range(n):
+            p = source._problem(i)
+            fh.write(json.dumps({"prompt": p.prompt, **p.reference}) + "\n")
+
+
+def _cpu_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_trl(steps: int, warmup: int, threads: int, tmp: Path) -> dict:
+    from services.common.tiny import build_tiny
+
+    rows = tmp / "prompts.jsonl"
+    _prompt_rows(PROMPTS * steps, rows)
+    out = tmp / "trl.json"
+    script = _TRL_CHILD % {"per_device": PROMPTS * K // 2, "k": K, "max_tokens": MAX_TOKENS, "lr": LR}
+    rule = REPO / "services" / "verifier" / "rules" / "countdown.py"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cpu0, wall0 = _cpu_children(), time.perf_counter()
+    proc = subprocess.run(
+        [
+            str(VENV / "bin" / "python"),
+            "-c",
+            script,
+            str(build_tiny()),
+            str(rows),
+            str(out),
+            str(steps),
+            str(threads),
+            str(rule),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    cpu, wall = _cpu_children() - cpu0, time.perf_counter() - wall0
+    result = json.loads(out.read_text())
+    marks = [result["start"], *result["step_marks"]]
+    # Two optimizer steps per generation batch: a batch's time is the time of its pair of steps.
+    per_batch = [marks[i + 2] - marks[i] for i in range(0, len(marks) - 2, 2)]
+    lengths = [h["completions/mean_length"] for h in result["logs"] if "completions/mean_length" in h]
+    return _summary(
+        "trl-grpo", per_batch[warmup:], lengths[warmup:], cpu, wall, steps, {"logs": result["logs"][-2:]}
+    )
+
+
+def run_project(mode: str, steps: int, warmup: int, tmp: Path) -> dict:
+    overrides = [
+        f"coordinator.steps={steps}",
+        "coordinator.eval_every=0",
+        "coordinator.eval_problems=8",
+        "coordinator.eval_samples=1",
+        "coordinator.eval_k=1",
+        "learner.checkpoint_every=0",
+        f"learner.lr={LR}",
+        f"coordinator.prompts_per_step={PROMPTS}",
+        f"coordinator.group_size={K}",
+        f"generator.max_tokens={MAX_TOKENS}",
+        "learner.updates_per_batch=2",
+        "metrics.enabled=false",
+    ]
+    if mode == "async":
+        overrides += ["coordinator.max_policy_lag=1", "cluster.learner.num_cpus=1"]
+    cpu0, wall0 = _cpu_children(), time.perf_counter()
+    run_dir = run_coordinator(overrides, tmp, f"peer-{mode}")
+    cpu, wall = _cpu_children() - cpu0, time.perf_counter() - wall0
+    steps_log = read_jsonl(run_dir / "metrics.jsonl")[warmup:]
+    phases = {
+        k: statistics.median(s["phase_s"].get(k, 0.0) for s in steps_log) for k in steps_log[0]["phase_s"]
+    }
+    learner = {
+        k: statistics.median(s[k] for s in steps_log) for k in ("proximal_s", "update_s") if k in steps_log[0]
+    }
+    return _summary(
+        f"project-{mode}",
+        [s["step_s"] for s in steps_log],
+        [s["response_length_mean"] for s in steps_log],
+        cpu,
+        wall,
+        steps,
+        {"phase_s": phases, "learner_s": learner},
+    )
+
+
+def _summary(
+    system: str, batch_s: list[float], lengths: list[float], cpu: float, wall: float, steps: int, extra: dict
+) -> dict:
+    median = statistics.median(batch_s)
+    tokens = statistics.median(lengths) * PROMPTS * K if lengths else float("nan")
+    return {
+        "system": system,
+        "s_per_batch": round(median, 4),
+        "completions_per_s": round(PROMPTS * K / median, 2),
+        "tokens_per_s": round(tokens / median, 1),
+        "cpu_s_per_completion": round(cpu / (steps * PROMPTS * K), 5),
+        "wall_s": round(wall, 1),
+        "batches_measured": len(batch_s),
+        **extra,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setup", action="store_true", help="build the TRL environment and exit")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the TRL process")
+    parser.add_argument(
+        "--systems", nargs="+", default=["trl", "sync", "async"], choices=["trl", "sync", "async"]
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.setup:
+        setup()
+        return
+    if not (VENV / "bin" / "python").exists():
+        raise SystemExit(f"no TRL environment at {VENV}: run `python bench/peer_trl.py --setup` first")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for system in args.systems:
+            rows.append(
+                run_trl(args.steps, args.warmup, args.threads, Path(tmp))
+                if system == "trl"
+                else run_project(system, args.steps, args.warmup, Path(tmp))
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    base = next((r for r in rows if r["system"] == "trl-grpo"), None)
+    for r in rows:
+        if base is not None:
+            r["completions_per_s_vs_trl"] = round(r["completions_per_s"] / base["completions_per_s"], 3)
+    load = os.getloadavg()
+    payload = {
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "prompts": PROMPTS,
+        "k": K,
+        "max_tokens": MAX_TOKENS,
+        "lr": LR,
+        "loadavg_at_end": load,
+        "cpus": os.cpu_count(),
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "peer_trl.json").write_text(json.dumps(payload, indent=2) + "\n")
+    _plot(rows, args.out / "peer_trl.png")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [r["system"] for r in rows]
+    ax.bar(names, [r["completions_per_s"] for r in rows], color=["C1" if "trl" in n else "C0" for n in names])
+    ax.set_ylabel("completions / s")
+    ax.set_title("tiny Countdown, 16 x 8 per batch, 48 tokens, 2 cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
