@@ -90,13 +90,22 @@ build-tiny: setup
 # Benchmarks: each writes bench/results/<name>.json (and a PNG where a plot says more); docs/RESULTS.md
 # quotes them. `make bench` runs them all (hours on 2 cores: the reproduction study dominates).
 BENCHES := logprob_memory learner_step generator_throughput queue_throughput weight_sync verifier_throughput \
-  async_speedup offpolicy_learning reproduction
+  async_speedup offpolicy_learning peer reproduction
 bench: $(addprefix bench-,$(BENCHES))
 
+# The LPO-vs-PG study (docs/RESULTS.md): the validation grid, then the powered study and the drift
+# dose-response at the grid's learning rates. Hours to days on 2 cores; each stage resumes where it stopped.
 bench-reproduction: setup
-	$(PY) bench/reproduction.py --study main
-	$(PY) bench/reproduction.py --study ablation
-	$(PY) bench/reproduction.py --study norms
+	$(PY) bench/reproduction.py --study grid --seeds 0 1 2 --eval-every 30 --resume
+	$(PY) bench/reproduction.py --study powered --lr-from bench/results/reproduction_grid.json \
+	  --seeds 0 1 2 3 4 5 6 7 8 9 --resume
+	$(PY) bench/reproduction.py --study drift --lr-from bench/results/reproduction_grid.json \
+	  --seeds 0 1 2 3 4 --resume
+
+# TRL's GRPOTrainer against the project's loops (its own environment in .bench/, built on first use).
+bench-peer: setup
+	$(PY) bench/peer_trl.py --setup
+	$(PY) bench/peer_trl.py
 
 bench-%: setup
 	$(PY) bench/$*.py
