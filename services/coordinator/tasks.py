@@ -30,9 +30,8 @@ def eval_sets(cfg: RunConfig) -> list[EvalSet]:
     """The run's evaluation sets (``data.eval_sets``; or one set ``heldout``: the first
     ``coordinator.eval_problems`` of ``data.eval_path``, or the tiny model's generated held-out set).
 
-    Generated sets are drawn, in the listed order, from one stream of held-out Countdown problems (never a
-    fine-tuning problem of the tiny model): each problem goes to the first set still short of problems
-    whose ``nums`` allows its count of numbers, so the sets are disjoint from each other.
+    Generated sets are held-out Countdown problems (never a fine-tuning problem of the tiny model), disjoint
+    from each other; sets with the same ``nums`` filter are random parts of one sample (``_draw_generated``).
     """
     c, data = cfg.coordinator, cfg.data
     if not data.eval_sets:
@@ -62,23 +61,36 @@ def eval_sets(cfg: RunConfig) -> list[EvalSet]:
 
 
 def _draw_generated(sets: Sequence[EvalSetConfig], default_n: int) -> dict[str, list[CountdownProblem]]:
-    from services.common.tiny import heldout_problems
+    """Generated sets with the same ``nums`` filter are one pool cut at random: the first problems of a seeded
+    held-out stream that the filter allows and no set of an earlier filter holds, shuffled and dealt out in
+    the listed order. So a validation set and the test set beside it are random halves of one sample
+    (the held-out stream is not stationary: its later stretches hold fewer of the easy problems, which
+    fine-tuning and earlier draws use up, so sets cut one after another would differ in difficulty)."""
+    import random
 
-    want = {e.name: e.problems or default_n for e in sets}
-    drawn: dict[str, list[CountdownProblem]] = {e.name: [] for e in sets}
-    n = 2 * sum(want.values())
-    while sets:
-        # heldout_problems is prefix-stable in n: a longer draw only appends to the same stream.
-        stream = heldout_problems(n)
-        drawn = {e.name: [] for e in sets}
-        for p in stream:
-            for e in sets:
-                if len(drawn[e.name]) < want[e.name] and (not e.nums or len(p.nums) in e.nums):
-                    drawn[e.name].append(p)
-                    break
-        if all(len(drawn[name]) == want[name] for name in want):
-            break
-        n *= 2  # heldout_problems raises when the problem space runs out
+    from services.common.tiny import TinySpec, heldout_problems
+
+    groups: dict[tuple[int, ...], list[EvalSetConfig]] = {}
+    for e in sets:
+        groups.setdefault(tuple(sorted(e.nums)), []).append(e)
+    drawn: dict[str, list[CountdownProblem]] = {}
+    taken: set = set()
+    for g, (nums, members) in enumerate(groups.items()):
+        want, pool, pos = sum(e.problems or default_n for e in members), [], 0
+        seed = TinySpec().heldout_seed + 101 * g
+        n = 2 * want
+        while len(pool) < want:
+            stream = heldout_problems(n, seed=seed)  # prefix-stable in n; raises when the space runs out
+            for p in stream[pos:]:
+                key = countdown_problem(p).key
+                if len(pool) < want and (not nums or len(p.nums) in nums) and key not in taken:
+                    pool.append(p)
+                    taken.add(key)
+            pos, n = len(stream), 2 * n
+        random.Random(seed).shuffle(pool)
+        for e in members:
+            k = e.problems or default_n
+            drawn[e.name], pool = pool[:k], pool[k:]
     return drawn
 
 

@@ -38,6 +38,13 @@ def test_generated_sets_are_disjoint_filtered_and_kept_out_of_training() -> None
     assert counts["cd34"] <= {3, 4} and counts["cd4"] == {4}
     keys = [p.key for s in sets for p in s.problems]
     assert len(keys) == len(set(keys)) == 60  # no problem in two sets
+    # Sets with the same filter are random parts of one sample: the validation set has the test set's mix
+    # of 2-, 3- and 4-number problems (not what a filtered set left over).
+    both = build_config({}, ["data.eval_sets=[{name: test, problems: 300}, {name: val, problems: 300}]"])
+    mix = {s.name: [sum(len(p.reference["nums"]) == k for p in s.problems) / 300 for k in (2, 3, 4)]
+           for s in eval_sets(both)}  # fmt: skip
+    assert all(abs(a - b) < 0.08 for a, b in zip(mix["test"], mix["val"], strict=True)), mix
+    assert min(mix["val"]) > 0.1  # every count of numbers is there
     train = training_problems(cfg, exclude=rl_exclusions(cfg, [p for s in sets for p in s.problems]))
     assert not {p.key for p in train} & set(keys)
     assert [p.key for p in eval_sets(cfg)[1].problems] == [p.key for p in sets[1].problems]  # deterministic
