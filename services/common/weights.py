@@ -3,7 +3,7 @@
 A snapshot is ONE contiguous payload: the tensors of a state dict in name order, back to back, described
 by a manifest of ``TensorEntry(name, dtype, shape, offset, nbytes)`` and checked by the payload's sha256.
 dtypes are torch names (``"bfloat16"`` included: numpy has no bf16, so payloads stay raw bytes and
-``unpack`` rebuilds torch tensors).
+``unpack`` rebuilds torch tensors; ``torch_dtype`` and ``dtype_name`` convert).
 
 Transports (``weights.transport``):
 - ``redis``: the payload in keys ``lpo:{run}:w:{version}:{i}`` of at most ``weights.chunk_mb`` each.
@@ -22,19 +22,19 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from services.common.config import WeightsConfig
 from services.common.messages import TensorEntry, WeightSnapshot, decode, encode
-from services.common.redis_server import Backoff, redacted, redis_client
+from services.common.queue import RedisConnection
+from services.common.redis_server import Backoff
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 TensorLike = torch.Tensor | np.ndarray
 _ANNOUNCE_MAXLEN = 1000  # announcements kept on the weights stream (approximate trim)
 
@@ -76,13 +76,19 @@ class WeightTransport(Protocol):
 
 
 # ---- payload format ------------------------------------------------------------------------------------
-def _torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a manifest / config dtype name (``"bfloat16"`` -> ``torch.bfloat16``)."""
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise WeightIntegrityError(
             f"manifest dtype {name!r} is not a torch dtype (e.g. 'bfloat16', 'float32')"
         )
     return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name a manifest records for ``dtype`` (``torch.bfloat16`` -> ``"bfloat16"``)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _as_cpu_tensor(name: str, value: TensorLike) -> torch.Tensor:
@@ -108,8 +114,7 @@ def pack(state: Mapping[str, TensorLike]) -> tuple[bytearray, tuple[TensorEntry,
     offset = 0
     for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        manifest.append(TensorEntry(name, dtype, tuple(tensor.shape), offset, nbytes))
+        manifest.append(TensorEntry(name, dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes))
         offset += nbytes
     payload = bytearray(offset)
     view = memoryview(payload)
@@ -123,14 +128,15 @@ def pack(state: Mapping[str, TensorLike]) -> tuple[bytearray, tuple[TensorEntry,
 def unpack(
     payload: bytes | bytearray | memoryview | np.ndarray, manifest: tuple[TensorEntry, ...]
 ) -> dict[str, torch.Tensor]:
-    """Tensors from a payload. A writable payload is shared (no copy); a read-only one is copied once."""
+    """Tensors from a payload, each entry's size and bounds checked against its dtype, shape and the payload.
+    A writable payload is shared (no copy); a read-only one is copied once."""
     buffer: Any = payload
     if memoryview(payload).readonly:
         buffer = bytearray(memoryview(payload).cast("B"))
     size = memoryview(buffer).nbytes
     out: dict[str, torch.Tensor] = {}
     for entry in manifest:
-        dtype = _torch_dtype(entry.dtype)
+        dtype = torch_dtype(entry.dtype)
         itemsize = torch.empty((), dtype=dtype).element_size()
         numel = math.prod(entry.shape)
         if numel * itemsize != entry.nbytes or entry.offset + entry.nbytes > size:
@@ -171,22 +177,10 @@ def verify(snapshot: WeightSnapshot, payload: bytes | bytearray | memoryview | n
 
 
 # ---- announcements (shared by both transports) ---------------------------------------------------------
-class _Redis:
-    """One Redis client with retries, shared by a transport's payload and announcement calls."""
-
-    def __init__(self, redis_url: str, backoff: Backoff | None) -> None:
-        self.client = redis_client(redis_url)
-        self._backoff = backoff or Backoff()
-        self._where = redacted(redis_url)
-
-    def call(self, what: str, fn: Callable[[], T]) -> T:
-        return self._backoff.call(f"{what} on {self._where}", fn)
-
-
 class _Announcements:
     """``lpo:{run}:weights`` (a stream of encoded ``WeightSnapshot``) and ``lpo:{run}:w:latest``."""
 
-    def __init__(self, conn: _Redis, run: str) -> None:
+    def __init__(self, conn: RedisConnection, run: str) -> None:
         self.stream = f"lpo:{run}:weights"
         self.latest_key = f"lpo:{run}:w:latest"
         self._conn = conn
@@ -196,27 +190,16 @@ class _Announcements:
         body = encode(snapshot)
         fields = {b"m": body, b"version": str(snapshot.version).encode()}
 
-        def transaction() -> list[Any]:
-            pipe = self._conn.client.pipeline(transaction=True)
+        def commands(pipe: Any) -> None:
             pipe.xadd(self.stream, fields, maxlen=_ANNOUNCE_MAXLEN, approximate=True)
             pipe.set(self.latest_key, body)
-            return pipe.execute()
 
-        entry_id = self._conn.call(f"MULTI XADD {self.stream} SET {self.latest_key}", transaction)[0]
+        entry_id = self._conn.transaction(f"MULTI XADD {self.stream} SET {self.latest_key}", commands)[0]
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     def latest(self) -> WeightSnapshot | None:
         body = self._conn.call(f"GET {self.latest_key}", lambda: self._conn.client.get(self.latest_key))
         return None if body is None else decode(body, WeightSnapshot)
-
-
-def latest_snapshot(redis_url: str, run: str) -> WeightSnapshot | None:
-    """The newest announced snapshot of a run, whatever its transport (None before the first publish)."""
-    conn = _Redis(redis_url, None)
-    try:
-        return _Announcements(conn, run).latest()
-    finally:
-        conn.client.close()
 
 
 def _abandoned(stored: list[int], version: int) -> list[int]:
@@ -270,7 +253,7 @@ class RedisWeightTransport:
         self.chunk_bytes = max(1, int(chunk_mb * 2**20))
         self.keep_versions = keep_versions
         self.index_key = f"lpo:{run}:w:index"
-        self._conn = _Redis(redis_url, backoff)
+        self._conn = RedisConnection(redis_url, backoff=backoff)
         self._redis = self._conn.client
         self._ann = _Announcements(self._conn, run)
 
@@ -373,7 +356,7 @@ class RedisWeightTransport:
             )
 
     def close(self) -> None:
-        self._conn.client.close()
+        self._conn.close()
 
 
 # ---- Ray object store transport ------------------------------------------------------------------------
@@ -420,7 +403,7 @@ class ObjectStoreWeightTransport:
         self.keep_versions = keep_versions
         self.actor_name = f"lpo-{run}-weights"
         self.timeout_s = timeout_s
-        self._conn = _Redis(redis_url, backoff)
+        self._conn = RedisConnection(redis_url, backoff=backoff)
         self._ann = _Announcements(self._conn, run)
         self._refs: dict[int, Any] = {}  # the publisher's own refs keep its payloads alive
         self._registry: Any = None
@@ -508,7 +491,7 @@ class ObjectStoreWeightTransport:
         return old
 
     def close(self) -> None:
-        self._conn.client.close()
+        self._conn.close()
 
 
 def make_transport(cfg: WeightsConfig, redis_url: str, run: str) -> WeightTransport:

@@ -29,16 +29,18 @@ class Watchdog:
         timeout_s: float,
         every_s: float = 10.0,
         states: Callable[[list[Any]], list[str]] = actor_states,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``states`` gives each actor's state; ``clock`` (seconds) is what the timeouts are measured on."""
         self.queue, self.generators, self.verifiers = queue, generators, verifiers
-        self.timeout_s, self.every_s, self.states = timeout_s, every_s, states
-        self._last_progress = self._last_check = time.monotonic()
+        self.timeout_s, self.every_s, self.states, self.clock = timeout_s, every_s, states, clock
+        self._last_progress = self._last_check = clock()
 
     def progress(self) -> None:
-        self._last_progress = time.monotonic()
+        self._last_progress = self.clock()
 
     def check(self, have: int, want: int) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if now - self._last_check < min(self.every_s, self.timeout_s):
             return
         self._last_check = now

@@ -22,6 +22,3 @@ class EngineRpc:
         rows = [(e.name, e.dtype, tuple(e.shape), e.offset, e.nbytes) for e in manifest]
         counts = self.llm.collective_rpc("lpo_reload_weights", timeout=self.timeout_s, args=(path, rows))
         return int(counts[0])
-
-    def weight_checksum(self) -> float:
-        return float(self.llm.collective_rpc("lpo_weight_checksum", timeout=self.timeout_s)[0])

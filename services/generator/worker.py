@@ -10,6 +10,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,11 +57,14 @@ class Generator:
         batch_tasks: int = 16,
         claim_idle_ms: int | None = None,
         metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` (seconds) times the idle, busy and weight-load statistics and the version wait."""
         self.engine, self.queue, self.transport = engine, queue, transport
+        self.clock = clock
         self.consumer, self.batch_tasks, self.claim_idle_ms = consumer, batch_tasks, claim_idle_ms
         self.snapshot: WeightSnapshot | None = None
-        self.stats = GeneratorStats()
+        self.stats = GeneratorStats(started=clock())
         self.metrics = metrics or Metrics(queue.run, enabled=False, generator=consumer)
         self.metrics.zero("lpo_generator_engine_restarts")
 
@@ -73,9 +77,9 @@ class Generator:
         latest = self.transport.latest()
         if latest is None or latest.version <= self.version:
             return False
-        started = time.monotonic()
+        started = self.clock()
         payload = self.transport.fetch_payload(latest)  # size and sha256 verified
-        fetched = time.monotonic()
+        fetched = self.clock()
         path = _payload_dir() / f"lpo-{self.consumer}-{os.getpid()}-v{latest.version}.bin"
         restarts = self.engine.restarts
         try:
@@ -84,7 +88,7 @@ class Generator:
         finally:
             path.unlink(missing_ok=True)
             self.metrics.inc("lpo_generator_engine_restarts", self.engine.restarts - restarts)
-        loaded = time.monotonic()
+        loaded = self.clock()
         self.snapshot = latest
         self.stats.weight_loads += 1
         self.stats.weight_fetch_s += fetched - started
@@ -98,10 +102,10 @@ class Generator:
 
     def wait_for_version(self, version: int, timeout_s: float = 600.0) -> None:
         """Block until a snapshot >= ``version`` is loaded (a task admitted for that policy)."""
-        deadline = time.monotonic() + timeout_s
+        deadline = self.clock() + timeout_s
         while self.version < version:
             if not self.sync_weights():
-                if time.monotonic() > deadline:
+                if self.clock() > deadline:
                     raise TimeoutError(
                         f"{self.consumer}: snapshot v{version} not announced within {timeout_s}s"
                     )
@@ -109,7 +113,7 @@ class Generator:
 
     def step(self, block_ms: int | None = None) -> int:
         """One batch: read up to ``batch_tasks`` tasks, sample, forward. Returns groups produced."""
-        t0 = time.monotonic()
+        t0 = self.clock()
         entries = self.queue.read_or_claim(
             "tasks",
             self.consumer,
@@ -119,13 +123,13 @@ class Generator:
         )
         if not entries:
             self.sync_weights()
-            self._idle(time.monotonic() - t0)
+            self._idle(self.clock() - t0)
             return 0
-        t1 = time.monotonic()
+        t1 = self.clock()
         self._idle(t1 - t0)
         groups = self.sample([e.message for e in entries])
         self.queue.forward("tasks", [e.entry_id for e in entries], "rollouts", groups)
-        self.stats.busy_s += time.monotonic() - t1
+        self.stats.busy_s += self.clock() - t1
         return len(groups)
 
     def _idle(self, seconds: float) -> None:

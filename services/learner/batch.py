@@ -38,10 +38,6 @@ class PackedBatch:
     def group_size(self) -> int:
         return self.rewards.shape[1]
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.mask.sum())
-
     def take(self, groups: Sequence[int]) -> PackedBatch:
         """The sub-batch of the given group indices, in that order (a group is never split)."""
         k = self.group_size

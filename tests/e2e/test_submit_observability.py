@@ -34,6 +34,7 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "lpo-training.json"
 STEPS = 6
 RUN = "submitted"
 BIN = Path(sys.executable).parent
+REPORT_INTERVAL_S = 1.0  # RAY_metrics_report_interval_ms of the head: how often Ray exports what was recorded
 
 
 def _free_ports(n: int) -> list[int]:
@@ -122,7 +123,7 @@ def head() -> Iterator[Head]:
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is the project venv's
         "RAY_AUTH_MODE": "disabled",  # set the same for the head and for `ray job submit`
-        "RAY_metrics_report_interval_ms": "1000",
+        "RAY_metrics_report_interval_ms": str(int(REPORT_INTERVAL_S * 1000)),
         "RAY_USAGE_STATS_ENABLED": "0",
         "LPO_CACHE_DIR": str(project_cache_dir()),  # the tiny model built by the suite
     }
@@ -216,8 +217,23 @@ def submitted(head: Head, prometheus: str, verifier_service: str, tmp_path_facto
 
     status = JobSubmissionClient(head.jobs_url).get_job_status(f"lpo-{RUN}")
     assert status == JobStatus.SUCCEEDED, status
-    time.sleep(4)  # the last report interval and scrape
+    # The job's last values reach Prometheus with Ray's next reports and the scrapes after them: wait
+    # until every target has been scraped two report intervals after the job ended.
+    done = time.time()
+    _wait_for(
+        "a scrape of every target after the job's last metrics reports",
+        lambda: _oldest_latest_scrape(prometheus) >= done + 2 * REPORT_INTERVAL_S,
+        timeout_s=60,
+    )
     return Submitted(runs / RUN, started, time.time(), output)
+
+
+def _oldest_latest_scrape(prom: str) -> float:
+    """The least recent of the targets' latest scrape times (``timestamp(up)``); 0 before any scrape."""
+    params = urllib.parse.urlencode({"query": "min(timestamp(up))"})
+    body = json.loads(_get(f"{prom}/api/v1/query?{params}"))
+    result = body["data"]["result"]
+    return float(result[0]["value"][1]) if result else 0.0
 
 
 def _score_some(url: str) -> None:

