@@ -233,8 +233,8 @@ class Coordinator:
             if stats is None:
                 continue
             before = self._gen_idle.get(i, 0.0)
-            delta += stats["idle_s"] - before if stats["idle_s"] >= before else stats["idle_s"]
-            self._gen_idle[i] = stats["idle_s"]
+            delta += stats.idle_s - before if stats.idle_s >= before else stats.idle_s
+            self._gen_idle[i] = stats.idle_s
         return round(delta, 4)
 
     def finish(self, wall_s: float) -> dict[str, Any]:

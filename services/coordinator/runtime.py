@@ -120,16 +120,16 @@ def _wait_ready(actors: list[Any], timeout_s: float) -> None:
     ray.get(done)
 
 
-def poll_stats(actors: list[Any], timeout_s: float = 5.0) -> list[tuple[str, dict[str, Any] | None]]:
-    """Each actor's ``stats()`` answer within ``timeout_s``, with its state: ``alive`` (answered, with its
-    stats), ``dead`` (Ray gave up restarting it) or ``unresponsive`` (restarting, or busy past the
-    timeout)."""
+def poll_stats(actors: list[Any], timeout_s: float = 5.0) -> list[tuple[str, Any]]:
+    """Each actor's ``stats()`` answer (``GeneratorStats`` / ``VerifierStats``) within ``timeout_s``, with its
+    state: ``alive`` (answered), ``dead`` (Ray gave up restarting it) or ``unresponsive`` (restarting, or
+    busy past the timeout); the stats are None unless alive."""
     import ray
 
     refs = [a.stats.remote() for a in actors]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     done = set(ready)
-    out: list[tuple[str, dict[str, Any] | None]] = []
+    out: list[tuple[str, Any]] = []
     for ref in refs:
         if ref not in done:
             out.append(("unresponsive", None))

@@ -12,6 +12,7 @@ import ray
 from services.common.config import RunConfig
 from services.common.logs import setup_logging
 from services.common.paths import set_cache_env
+from services.common.stats import GeneratorStats
 
 
 @ray.remote(max_concurrency=4)
@@ -74,9 +75,7 @@ class GeneratorActor:
     def stop(self) -> None:
         self._stop.set()
 
-    def stats(self) -> dict:
-        return {
-            "version": self.gen.version,
-            "engine_restarts": self.engine.restarts,
-            **dataclasses.asdict(self.gen.stats),
-        }
+    def stats(self) -> GeneratorStats:
+        return dataclasses.replace(
+            self.gen.stats, version=self.gen.version, engine_restarts=self.engine.restarts
+        )

@@ -11,12 +11,12 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.messages import ResponseGroup, RolloutTask, WeightSnapshot
 from services.common.metrics import Metrics
 from services.common.queue import StreamQueue
+from services.common.stats import GeneratorStats
 from services.common.weights import WeightTransport
 from services.generator.interface import RolloutEngine
 
@@ -27,21 +27,6 @@ def _payload_dir() -> Path:
     """tmpfs when there is one: a snapshot file is written once and read once by vLLM's worker."""
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-
-
-@dataclass
-class GeneratorStats:
-    """Counters the actor reports (and exports as metrics)."""
-
-    groups: int = 0
-    tokens: int = 0
-    batches: int = 0
-    busy_s: float = 0.0
-    idle_s: float = 0.0
-    weight_loads: int = 0
-    weight_fetch_s: float = 0.0
-    weight_load_s: float = 0.0
-    started: float = field(default_factory=time.monotonic)
 
 
 class Generator:

@@ -9,6 +9,7 @@ import ray
 
 from services.common.config import RunConfig
 from services.common.logs import setup_logging
+from services.common.stats import VerifierStats
 
 
 @ray.remote(max_concurrency=3)  # the loop, a scoring call (evaluation) and a control call
@@ -59,5 +60,5 @@ class VerifierActor:
     def stop(self) -> None:
         self._stop.set()
 
-    def stats(self) -> dict:
-        return dataclasses.asdict(self.worker.stats)
+    def stats(self) -> VerifierStats:
+        return dataclasses.replace(self.worker.stats)

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 from services.common.metrics import Metrics
 from services.common.queue import StreamQueue
+from services.common.stats import VerifierStats
 from services.verifier.rules.verdict import STATUSES
 from services.verifier.scoring import score_group
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class VerifierStats:
-    groups: int = 0
-    passed: int = 0
-    responses: int = 0
-    rejected: int = 0
 
 
 class VerifierWorker:
