@@ -162,15 +162,17 @@ class VerifierConfig(_Section):
 
     num_workers: int = Field(1, ge=1, le=1024)
     """Verifier worker actors consuming the rollouts stream."""
-    sandbox: Literal["nsjail", "bwrap", "none"] = "nsjail"
-    """Isolation backend for code tasks; ``none`` is rlimits only."""
+    sandbox: Literal["zygote", "nsjail", "bwrap", "none"] = "zygote"
+    """Isolation backend for code tasks: ``zygote`` (the fast path: a fresh jail per execution forked from
+    a warm interpreter; needs root and pids + memory cgroups), ``nsjail``, ``bwrap``; ``none`` is rlimits
+    only."""
     allow_unsandboxed_code: bool = False
     """Let the training loop run code tasks with ``sandbox: none`` (refused otherwise)."""
     timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
     """Wall-clock limit per scored item."""
     sandbox_fallback: bool = False
-    """If the configured backend fails its start-up probe, use the first isolating backend (nsjail, bwrap)
-    that passes instead of refusing to start; never falls back to ``none``."""
+    """If the configured backend fails its start-up probe, use the first isolating backend (nsjail, bwrap,
+    zygote) that passes instead of refusing to start; never falls back to ``none``."""
     python: str = Field("/usr/bin/python3", pattern=r"^/\S+$")
     """Interpreter that runs code-task programs inside the sandbox (under the read-only system binds)."""
     memory_mb: int = Field(512, ge=32, le=65536)

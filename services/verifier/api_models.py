@@ -212,6 +212,9 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"]
     backend: str
     isolation: str
+    sandbox: dict[str, Any]
+    """Which execution path serves (``sandbox.describe``): backend, fast_path, namespaces, cgroups, uid and,
+    for the zygote, its pid and restarts."""
     canary: dict[str, Any]
     canary_age_s: float
     free_slots: int

@@ -60,7 +60,7 @@ from services.verifier.api_models import (
 )
 from services.verifier.rules import RULES, configure_rules, get_rule
 from services.verifier.sandbox.interface import ExecRequest, Limits, Sandbox
-from services.verifier.sandbox.probe import ProbeResult, run_canary, select_sandbox
+from services.verifier.sandbox.probe import ProbeResult, describe, run_canary, select_sandbox
 from services.verifier.tasks_store import (
     OPEN_OWNER,
     RedisTaskStore,
@@ -500,13 +500,15 @@ def _routes(app: FastAPI, service: Callable[[], VerifierService]) -> None:
 
     @app.get("/healthz", response_model=Health, tags=["ops"], responses={503: {"model": Health}})
     async def healthz() -> JSONResponse:
-        """Backend, isolation level, the latest canary (re-run when older than 5 s), free slots."""
+        """Backend, isolation level, which execution path serves, the latest canary (re-run when older than
+        5 s), free slots."""
         svc = service()
         canary = await anyio.to_thread.run_sync(svc.fresh_canary)
         health = Health(
             status="ok" if canary.available else "degraded",
             backend=svc.sandbox.isolation,
             isolation="none" if svc.sandbox.isolation == "none" else "namespaces",
+            sandbox=describe(svc.sandbox),
             canary=canary.as_dict(),
             canary_age_s=round(time.monotonic() - svc.canary_at, 3),
             free_slots=int(svc.limiter.total_tokens - svc.limiter.borrowed_tokens),

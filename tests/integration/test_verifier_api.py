@@ -73,8 +73,10 @@ def server() -> Iterator[str]:
 
 def test_healthz_is_open_and_reports_the_backend(server: str) -> None:
     body = httpx.get(f"{server}/healthz").json()
-    assert body["status"] == "ok" and body["backend"] in ("nsjail", "bwrap") and body["auth"] is True
+    assert body["status"] == "ok" and body["backend"] == "zygote" and body["auth"] is True
     assert body["canary"]["available"] is True and body["free_slots"] == 1
+    # the default path is the fast one where its probe passes, and /healthz says so
+    assert body["sandbox"]["backend"] == "zygote" and body["sandbox"]["fast_path"] is True, body["sandbox"]
 
 
 @pytest.mark.parametrize(

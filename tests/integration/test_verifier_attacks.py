@@ -3,8 +3,9 @@
 Each attack is an item whose test would *pass* only if the attack worked (or whose effect the test checks on
 the host afterwards). All attacks of a backend go in one ``/v1/verify`` batch (they run concurrently, as
 in production); then the service must still be healthy, with every slot free, and score a normal item.
-Isolation attacks (network, host files, the API key, writes outside the temp dir) run against nsjail and
-bwrap only: ``none`` promises no isolation, only limits.
+Isolation attacks (network, host files, the API key, writes outside the temp dir, one execution reading
+another's files, leftovers for the next execution) run against the isolating backends (zygote, nsjail,
+bwrap) only: ``none`` promises no isolation, only limits.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from fastapi.testclient import TestClient
@@ -25,6 +27,7 @@ from services.verifier.app import API_KEYS_ENV, create_app
 from services.verifier.sandbox import ISOLATING_BACKENDS, build_backend, probe_all
 
 AVAILABLE = [name for name, result in probe_all(python="/usr/bin/python3").items() if result.available]
+ISOLATING = [name for name in AVAILABLE if name in ISOLATING_BACKENDS]
 REPO = Path(__file__).resolve().parents[2]
 WALL_S = 3.0
 
@@ -116,6 +119,7 @@ def _isolation_attacks(
         f"try:\n    open({p!r}, 'w').write('pwned')\nexcept OSError:\n    pass" for p in outside
     )
     return {
+        **_cross_execution_attacks(),
         "tcp_connect": (
             _code(
                 "tcp_connect",
@@ -154,6 +158,94 @@ def _isolation_attacks(
     }
 
 
+def _cross_execution_attacks() -> dict[str, tuple[dict, set[str]]]:
+    """Two executions of one batch run at once: ``plant_secret`` writes a secret into its work dir, /tmp
+    and its environment and holds them while ``steal_secret`` searches every path another execution's
+    files could be reached by (the host's temp dirs, other processes' roots, cwds and environments)."""
+    plant = (
+        "import os, time\n"
+        "secret = 'exec-secret-' + os.urandom(8).hex()\n"
+        "os.environ['LPO_SECRET'] = secret\n"
+        "for path in ('secret.txt', '/tmp/secret.txt'):\n"
+        "    open(path, 'w').write(secret)\n"
+        "time.sleep(1.5)\n"
+        "print('planted')"
+    )
+    steal = (
+        "import glob, os, time\n"
+        "patterns = ['/dev/shm/lpo-sbx-*/work/*', '/tmp/lpo-sbx-*/work/*', '/proc/[0-9]*/root/work/*',\n"
+        "            '/proc/[0-9]*/root/tmp/*', '/proc/[0-9]*/cwd/*', '/proc/[0-9]*/environ',\n"
+        "            '/tmp/*', '../*']\n"
+        "found = ''\n"
+        "deadline = time.monotonic() + 1.2\n"
+        "while not found and time.monotonic() < deadline:\n"
+        "    for path in (p for pattern in patterns for p in glob.glob(pattern)):\n"
+        "        try:\n            data = open(path, 'rb').read()\n"
+        "        except OSError:\n            continue\n"
+        "        if b'exec-secret-' in data:\n            found = data.decode(errors='replace')\n"
+        "    time.sleep(0.05)\n"
+        "print(found or 'nothing')"
+    )
+    return {
+        "plant_secret": (_code("plant_secret", plant, expected="planted"), {"pass"}),
+        # 'nothing' would be the honest answer; the test passes only if a secret was found
+        "steal_secret": (_code("steal_secret", steal, expected="exec-secret-"), {"fail"}),
+    }
+
+
+LEAVE_BEHIND = (
+    "import os, subprocess\n"
+    "for path in ('left.txt', '/tmp/left.txt', os.path.expanduser('~/left.txt'), '/dev/shm/left.txt'):\n"
+    "    try:\n        open(path, 'w').write('{marker}')\n    except OSError:\n        pass\n"
+    "subprocess.Popen(['/usr/bin/sleep', '{marker}'], start_new_session=True)\n"
+    "if os.fork() == 0:\n    os.setsid()\n    os.execv('/usr/bin/sleep', ['sleep', '{marker}'])\n"
+    "print('left')"
+)
+FIND_LEFTOVERS = (
+    "import glob, os\n"
+    "found = []\n"
+    "marker = '{marker}'.replace('#', '')  # so that this program's own source does not match\n"
+    "paths = glob.glob('*') + glob.glob('/tmp/*') + glob.glob(os.path.expanduser('~/*'))\n"
+    "paths += glob.glob('/dev/shm/*')\n"
+    "for path in paths:\n"
+    "    try:\n        if marker in open(path).read():\n            found.append(path)\n"
+    "    except OSError:\n        pass\n"
+    "for cmdline in glob.glob('/proc/[0-9]*/cmdline'):\n"
+    "    try:\n        if marker.encode() in open(cmdline, 'rb').read():\n            found.append(cmdline)\n"
+    "    except OSError:\n        pass\n"
+    "print(found or 'clean')"
+)
+
+
+@pytest.mark.parametrize("backend", ISOLATING)
+def test_nothing_of_an_execution_reaches_the_next(backend: str) -> None:
+    """A program leaves files (work dir, /tmp, HOME, /dev/shm) and detached processes; the next
+    execution, on the same sandbox (and, for the zygote, the same warm interpreter), finds none of it."""
+    marker = f"78.{uuid.uuid4().int % 10**9}"
+    cfg = VerifierConfig(sandbox=_config_name(backend), timeout_s=WALL_S, memory_mb=256, max_concurrency=2)
+    sandbox = build_backend(backend)
+    try:
+        with TestClient(create_app(cfg, sandbox=sandbox)) as client:
+            leave = _code("leave", LEAVE_BEHIND.replace("{marker}", marker), expected="left")
+            first = client.post("/v1/verify", json={"items": [leave]}).json()["results"][0]
+            assert first["status"] == "pass", first["detail"]
+            for _ in range(3):  # a few runs: with a pool or a zygote, each may land on reused parts
+                finder = FIND_LEFTOVERS.replace("{marker}", marker[:3] + "#" + marker[3:])
+                probe = _code("find", finder, expected="clean")
+                after = client.post("/v1/verify", json={"items": [probe]}).json()["results"][0]
+                assert (after["status"], after["isolation"]) == ("pass", backend), after["detail"]
+            assert _host_pids_with(marker) == []
+    finally:
+        sandbox.close()
+
+
+def _config_name(backend: str) -> str:
+    """The ``verifier.sandbox`` value for ``backend``; the app is given the sandbox itself, so a backend
+    the config does not list yet (``zygote``) runs under the default name."""
+    allowed = get_args(VerifierConfig.model_fields["sandbox"].annotation)
+    return backend if backend in allowed else "nsjail"
+
+
 @pytest.mark.parametrize("backend", AVAILABLE)
 def test_attacks_are_contained_and_the_service_stays_healthy(
     backend: str, listener: socket.socket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -171,7 +263,7 @@ def test_attacks_are_contained_and_the_service_stays_healthy(
         tmp_path.chmod(0o755)
         attacks |= _isolation_attacks(listener.getsockname()[1], secret_path, secret, key, outside)
     cfg = VerifierConfig(
-        sandbox=backend, timeout_s=WALL_S, memory_mb=256, pids_max=32, math_timeout_s=2.0,
+        sandbox=_config_name(backend), timeout_s=WALL_S, memory_mb=256, pids_max=32, math_timeout_s=2.0,
         allow_unsandboxed_code=backend == "none", max_concurrency=4,
     )  # fmt: skip
     sandbox = build_backend(backend)
@@ -186,7 +278,7 @@ def test_attacks_are_contained_and_the_service_stays_healthy(
             assert reply.status_code == 200, reply.text
             results = {r["id"]: r for r in reply.json()["results"]}
             for item_id, (_, allowed) in attacks.items():
-                assert results[item_id]["status"] in allowed, (item_id, results[item_id])
+                assert results[item_id]["status"] in allowed, (item_id, results[item_id]["detail"])
                 assert results[item_id]["wall_s"] < 4 * WALL_S + 5, (item_id, results[item_id])
             assert len(reply.content) < 200_000  # 100 MB of stdout never reached the response
             assert elapsed < 120

@@ -2,7 +2,7 @@
 and the killable math pool.
 
 Backend tests are parametrized over the backends the probe reports available (never skipped silently);
-``test_an_isolating_backend_is_available`` fails when neither nsjail nor bwrap works here.
+``test_an_isolating_backend_is_available`` fails when no isolating backend (zygote, nsjail, bwrap) works here.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from services.verifier.sandbox import (
     probe_all,
     select_sandbox,
 )
+from services.verifier.sandbox import zygote as zygote_module
 from services.verifier.sandbox.cgroups import CgroupManager, shared_manager
 from services.verifier.sandbox.nsjail import NsjailSandbox
 from services.verifier.sandbox.pool import KillablePool, TaskTimeout
@@ -52,7 +53,7 @@ def _nobody_processes(marker: str) -> list[int]:
 
 def test_an_isolating_backend_is_available() -> None:
     report = {name: result.detail for name, result in PROBES.items()}
-    assert ISOLATING, f"neither nsjail nor bwrap works on this machine: {report}"
+    assert ISOLATING, f"no isolating backend works on this machine: {report}"
     for name in ISOLATING:
         checks = PROBES[name].checks
         assert all(checks.values()) and {"only_loopback", "host_file_hidden", "pid_namespace"} <= set(checks)
@@ -162,12 +163,29 @@ def test_a_broken_backend_reports_sandbox_error_not_a_program_failure() -> None:
 def test_select_refuses_clearly_or_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NSJAIL", "/nonexistent/nsjail")
     monkeypatch.setenv("PATH", "/nonexistent")  # no bwrap either
+    monkeypatch.setattr(zygote_module, "JAIL_SCRIPT", Path("/nonexistent/jail.py"))  # a zygote that dies
     with pytest.raises(SandboxUnavailableError, match=r"'nsjail' is unavailable.*install bubblewrap"):
         select_sandbox("nsjail", fallback=True, python=PYTHON)
 
 
+def test_a_broken_zygote_falls_back_to_nsjail_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "nsjail" in AVAILABLE, PROBES["nsjail"].detail
+    monkeypatch.setattr(zygote_module, "JAIL_SCRIPT", Path("/nonexistent/jail.py"))
+    with pytest.raises(
+        SandboxUnavailableError, match=r"'zygote' is unavailable.*set verifier.sandbox=nsjail"
+    ):
+        select_sandbox("zygote", fallback=False, python=PYTHON)
+    box, results = select_sandbox("zygote", fallback=True, python=PYTHON)
+    try:
+        assert box.isolation == "nsjail" and not results["zygote"].available
+        assert "zygote" in results["zygote"].detail
+    finally:
+        box.close()
+
+
 def test_fallback_goes_to_another_isolating_backend_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NSJAIL", "/bin/false")  # nsjail "exists" but cannot start anything
+    monkeypatch.setattr(zygote_module, "JAIL_SCRIPT", Path("/nonexistent/jail.py"))
     if "bwrap" not in AVAILABLE:  # nothing to fall back to: both ways refuse
         with pytest.raises(SandboxUnavailableError, match="'nsjail' is unavailable"):
             select_sandbox("nsjail", fallback=True, python=PYTHON)

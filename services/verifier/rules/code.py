@@ -8,18 +8,24 @@ whole response).
 
 Inside the sandbox a harness (``HARNESS`` below, run by the system Python) receives the tests on stdin,
 makes itself non-dumpable (so the program, same uid, cannot read its memory or its stdout through
-/proc), compiles the program once (a syntax error is a ``parse_error``) and runs each test as a fresh
-process: stdin/stdout tests run ``solution.py`` as ``__main__`` and compare stdout line by line with
-trailing whitespace ignored; assert tests execute the program as module ``solution`` and then the
-statement, and pass only when the statement completed (an early ``exit(0)`` is a failure). Results come
-back as lines tagged with a per-run nonce the program never sees. ``limits.wall_s`` bounds the whole
+/proc), compiles the program once (a syntax error is a ``parse_error``) and runs each test in a fresh
+``fork`` of itself (no interpreter start per test; the harness has run none of the program's code, so
+each test starts from the same clean state): stdin/stdout tests run the program as ``__main__`` with the
+test's stdin and report a digest of stdout normalised line by line (trailing whitespace ignored), which
+the host compares with the expected output's digest, so expected outputs never enter the sandbox; assert
+tests execute the program as module ``solution`` and then the statement, and pass only when the
+statement completed (an early ``exit(0)`` is a failure). After each test its process group is killed,
+and where the harness is pid 1 of the jail (zygote, nsjail) every other process too. Results come back
+as lines tagged with a per-run nonce on a descriptor no test holds. ``limits.wall_s`` bounds the whole
 invocation. Status, in order: ``sandbox_error`` (the sandbox failed; never a ``fail``), ``parse_error``
 (no program, or it does not compile), ``timeout`` (a test or the invocation hit the wall limit),
-``pass`` (every test passed), else ``fail``.
+``pass`` (every test passed), else ``fail``. With ``short_circuit`` the tests after the first failure do
+not count (the harness stops early where it can tell: a failed assert, a non-zero exit, a timeout).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -36,61 +42,123 @@ STATUSES = ("pass", "fail", "timeout", "sandbox_error", "parse_error")
 _HARNESS_OVERHEAD_S = 1.0  # harness start-up + per-test process spawns, added to the item's wall limit
 _PER_TEST_OVERHEAD_S = 0.05
 
-HARNESS = r'''
-import ctypes, json, os, signal, subprocess, sys, time
+HARNESS = r"""
+import ctypes, io, json, os, select, signal, sys, time, types
 
-ASSERT_RUNNER = """
-import json, os, sys
-_spec = json.loads(sys.stdin.read())
-sys.stdin.close()
-_out = os.dup(1)
-_g = {"__name__": "solution", "__builtins__": __builtins__}
-exec(compile(open("solution.py").read(), "solution.py", "exec"), _g)
-exec(compile(_spec["assert"], "<test>", "exec"), _g)
-os.write(_out, _spec["token"].encode())
-"""
+try:
+    from _sha256 import sha256
+except ImportError:  # hashlib would load OpenSSL (slow); the builtin module's name varies by version
+    try:
+        from _sha2 import sha256
+    except ImportError:
+        from hashlib import sha256
 
 
-def norm(text):
-    return [line.rstrip() for line in text.rstrip().splitlines()]
+def digest(data):
+    text = data.decode("utf-8", "replace")
+    return sha256("\n".join(line.rstrip() for line in text.rstrip().splitlines()).encode()).hexdigest()
 
 
-def run_one(python, test, timeout, cap, index):
-    out_path, token = "_out_%d" % index, os.urandom(16).hex()
-    if "assert" in test:
-        argv = [python, "-I", "-c", ASSERT_RUNNER]
-        data = json.dumps({"assert": test["assert"], "token": token})
-    else:
-        argv, data = [python, "-I", "solution.py"], test.get("stdin", "")
-    with open(out_path, "wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        timed_out = False
+def memfd(data=b""):
+    fd = os.memfd_create("t")
+    if data:
+        os.write(fd, data)
+        os.lseek(fd, 0, 0)
+    return fd
+
+
+def child(code, test, stdin_fd, out_fd, token):
+    # the forked test process: fresh stdio, the program, then (assert tests) the statement
+    os.setpgid(0, 0)
+    null = os.open("/dev/null", os.O_WRONLY)
+    for target, fd in enumerate((stdin_fd, out_fd, null)):
+        os.dup2(fd, target)
+    os.closerange(3, 1 << 16)  # the report pipe and every other test's files
+    sys.stdin = io.TextIOWrapper(io.open(0, "rb", closefd=False), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(io.open(1, "wb", closefd=False), encoding="utf-8")
+    err = io.open(2, "wb", closefd=False)
+    sys.stderr = io.TextIOWrapper(err, encoding="utf-8", errors="backslashreplace")
+    name = "solution" if "assert" in test else "__main__"
+    module = types.ModuleType(name)
+    module.__file__ = "solution.py"
+    sys.modules[name] = module
+    sys.argv = ["solution.py"]
+    status = 0
+    try:
+        exec(code, module.__dict__)
+        if "assert" in test:
+            exec(compile(test["assert"], "<test>", "exec"), module.__dict__)
+            sys.stdout.flush()
+            os.write(1, token)
+    except SystemExit as exc:
+        status = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        status = 1
+    try:
+        sys.stdout.flush()
+    except BaseException:
+        status = status or 120
+    os._exit(status & 0xFF)
+
+
+def wait(pid, timeout):
+    # a pidfd: wait with a timeout, no polling, no signal handler
+    fd = os.pidfd_open(pid)
+    try:
+        ready = select.select([fd], [], [], max(timeout, 0))[0]
+    finally:
+        os.close(fd)
+    return os.waitpid(pid, 0)[1] if ready else None
+
+
+def clean_up(pid):
+    # the test's process group, and as pid 1 of the jail everything a test left behind (setsid too)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    if os.getpid() == 1:
         try:
-            proc.communicate(data.encode(), timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        except (BrokenPipeError, OSError):
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.kill(-1, signal.SIGKILL)
         except OSError:
             pass
-        proc.wait()
-    with open(out_path, "rb") as f:
-        got = f.read(cap + 1)
-    os.unlink(out_path)
-    if timed_out or proc.returncode == -signal.SIGXCPU:
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+
+
+def run_one(code, test, timeout, cap):
+    token = os.urandom(16).hex().encode()
+    stdin_fd = memfd(test.get("stdin", "").encode())
+    out_fd = memfd()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child(code, test, stdin_fd, out_fd, token)
+        finally:
+            os._exit(70)
+    os.close(stdin_fd)
+    status = wait(pid, timeout)
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    clean_up(pid)
+    got = os.pread(out_fd, cap + 1, 0)
+    os.close(out_fd)
+    if status is None or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU):
         return {"ok": False, "timed_out": True, "why": "time limit (%.2fs wall / CPU rlimit)" % timeout}
+    exit_code = os.waitstatus_to_exitcode(status)
     if "assert" in test:
-        ok = proc.returncode == 0 and got.endswith(token.encode())
-        why = "" if ok else "assertion failed or program exited early (exit %s)" % proc.returncode
-    else:
-        if len(got) > cap:
-            return {"ok": False, "timed_out": False, "why": "stdout exceeded %d bytes" % cap}
-        ok = proc.returncode == 0 and norm(got.decode("utf-8", "replace")) == norm(test["expected_stdout"])
-        why = "" if ok else "exit %s, stdout %r" % (proc.returncode, got[:80])
-    return {"ok": ok, "timed_out": False, "why": why}
+        ok = exit_code == 0 and got.endswith(token)
+        why = "" if ok else "assertion failed or program exited early (exit %s)" % exit_code
+        return {"ok": ok, "timed_out": False, "why": why}
+    if len(got) > cap:
+        return {"ok": False, "timed_out": False, "why": "stdout exceeded %d bytes" % cap}
+    # the expected output never enters the sandbox: the host compares this digest
+    return {"exit": exit_code, "digest": digest(got), "head": repr(got[:80]), "timed_out": False}
 
 
 def main():
@@ -108,7 +176,7 @@ def main():
         report.flush()
 
     try:
-        compile(open("solution.py").read(), "solution.py", "exec")
+        code = compile(open("solution.py", "rb").read(), "solution.py", "exec")
     except (SyntaxError, ValueError, MemoryError, RecursionError) as exc:
         emit({"syntax_error": "%s: %s" % (type(exc).__name__, exc)})
         return
@@ -118,16 +186,16 @@ def main():
         if left <= 0:
             emit({"i": index, "ok": False, "timed_out": True, "why": "no time left"})
             break
-        result = run_one(spec["python"], test, left, spec["out_cap"], index)
+        result = run_one(code, test, left, spec["out_cap"])
         result["i"] = index
         emit(result)
-        if spec["short_circuit"] and not result["ok"]:
+        if spec["short_circuit"] and not result.get("ok", result.get("exit") == 0):
             break
     emit({"done": True})
 
 
 main()
-'''
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +351,8 @@ class CodeScorer:
     ) -> CodeVerdict:
         nonce = secrets.token_hex(16)
         out_cap = max((len(t.get("expected_stdout", "").encode()) for t in tests), default=0) + 4096
-        spec = {"nonce": nonce, "tests": tests, "wall_s": limits.wall_s, "python": python}
+        inside = [{"assert": t["assert"]} if "assert" in t else {"stdin": t["stdin"]} for t in tests]
+        spec = {"nonce": nonce, "tests": inside, "wall_s": limits.wall_s}
         spec |= {"out_cap": out_cap, "short_circuit": short}
         outer = Limits(
             wall_s=min(limits.wall_s + _HARNESS_OVERHEAD_S + _PER_TEST_OVERHEAD_S * len(tests), 3600.0),
@@ -300,7 +369,8 @@ class CodeScorer:
                 limits=outer,
             )
         )
-        return verdict_from_run(result, nonce, len(tests), short)
+        expected = [None if "assert" in t else output_digest(t["expected_stdout"]) for t in tests]
+        return verdict_from_run(result, nonce, len(tests), short, expected)
 
 
 def _report_lines(result: ExecResult, nonce: str) -> list[dict[str, Any]]:
@@ -315,8 +385,32 @@ def _report_lines(result: ExecResult, nonce: str) -> list[dict[str, Any]]:
     return lines
 
 
-def verdict_from_run(result: ExecResult, nonce: str, total: int, short: bool) -> CodeVerdict:
-    """Turn the harness's report into a verdict (status order in the module docstring)."""
+def output_digest(text: str) -> str:
+    """SHA-256 of stdout as compared: lines with trailing whitespace stripped, trailing blank lines
+    dropped (the harness computes the same digest of the program's output inside the sandbox)."""
+    return hashlib.sha256(
+        "\n".join(line.rstrip() for line in text.rstrip().splitlines()).encode()
+    ).hexdigest()
+
+
+def _judge(line: dict[str, Any], expected: Sequence[str | None] | None) -> dict[str, Any]:
+    """A stdin/stdout test's report carries the output's digest, compared here with the expected one."""
+    if "digest" not in line:
+        return line
+    index = line.get("i")
+    want = (
+        expected[index] if expected is not None and isinstance(index, int) and index < len(expected) else None
+    )
+    ok = line.get("exit") == 0 and want is not None and line["digest"] == want
+    why = "" if ok else f"exit {line.get('exit')}, stdout {line.get('head', '')}"
+    return {**line, "ok": ok, "why": why}
+
+
+def verdict_from_run(
+    result: ExecResult, nonce: str, total: int, short: bool, expected: Sequence[str | None] | None = None
+) -> CodeVerdict:
+    """Turn the harness's report into a verdict (status order in the module docstring). ``expected``:
+    per test, ``output_digest`` of its expected stdout (None for assert tests)."""
     iso = result.isolation
     if result.status == "sandbox_error":
         return CodeVerdict(0.0, "sandbox_error", result.detail, 0, total, iso)
@@ -324,7 +418,10 @@ def verdict_from_run(result: ExecResult, nonce: str, total: int, short: bool) ->
     if any("syntax_error" in line for line in lines):
         why = next(line["syntax_error"] for line in lines if "syntax_error" in line)
         return CodeVerdict(0.0, "parse_error", f"program does not compile: {why}", 0, total, iso)
-    tests = [line for line in lines if "i" in line]
+    tests = [_judge(line, expected) for line in lines if "i" in line]
+    if short:  # the harness cannot judge stdout tests: tests after the first failure do not count
+        first = next((n for n, t in enumerate(tests) if not t.get("ok")), None)
+        tests = tests if first is None else tests[: first + 1]
     passed = sum(bool(t.get("ok")) for t in tests)
     done = any(line.get("done") for line in lines)
     timed_out = result.status == "timeout" or any(t.get("timed_out") for t in tests)

@@ -1,8 +1,8 @@
-"""Sandboxes for untrusted programs: one interface, three backends chosen by config and probed at start-up.
+"""Sandboxes for untrusted programs: one interface, four backends chosen by config and probed at start-up.
 
-``nsjail`` (default) and ``bwrap`` isolate with namespaces plus cgroup and rlimit limits; ``none`` only
-sets rlimits. ``select_sandbox`` probes the configured backend with a canary and refuses clearly when it
-does not work (docs/VERIFIER.md).
+``zygote`` (the fast path: fresh namespaces forked from a warm interpreter), ``nsjail`` and ``bwrap``
+isolate with namespaces plus cgroup and rlimit limits; ``none`` only sets rlimits. ``select_sandbox``
+probes the configured backend with a canary and refuses clearly when it does not work (docs/VERIFIER.md).
 """
 
 from services.verifier.sandbox.interface import (
@@ -19,6 +19,7 @@ from services.verifier.sandbox.interface import (
 from services.verifier.sandbox.probe import (
     ProbeResult,
     build_backend,
+    describe,
     probe_all,
     probe_backend,
     select_sandbox,
@@ -36,6 +37,7 @@ __all__ = [
     "Sandbox",
     "SandboxUnavailableError",
     "build_backend",
+    "describe",
     "probe_all",
     "probe_backend",
     "select_sandbox",

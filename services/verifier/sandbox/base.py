@@ -105,25 +105,7 @@ class BaseSandbox:
                 limits.pids + self._helper_pids, (limits.memory_mb + _CGROUP_OVERHEAD_MB) << 20
             )
             env = {**SANDBOX_ENV, "HOME": self._home(work), **request.env}
-            launch = self._command(request, work, env, cgroup)
-            try:
-                raw = run_process(
-                    launch.argv,
-                    cwd=str(work),
-                    env=env if self._isolation == "none" else {"PATH": SANDBOX_ENV["PATH"]},
-                    stdin=request.stdin,
-                    limits=limits,
-                    preexec=launch.preexec,
-                    cgroup=cgroup,
-                    pass_fds=launch.pass_fds,
-                )
-            finally:
-                for fd in launch.pass_fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                if launch.status_fd is not None:
-                    launch.status = _drain(launch.status_fd)
-                    os.close(launch.status_fd)
+            raw, launch = self._launch(request, work, env, cgroup)
             oom = cgroup.oom_killed() if cgroup is not None else False
             return self._result(raw, launch, oom)
         except (OSError, subprocess.SubprocessError) as exc:  # incl. a failed preexec_fn (cgroup join)
@@ -142,6 +124,31 @@ class BaseSandbox:
             if cgroup is not None:
                 cgroup.remove()
             shutil.rmtree(host_dir, ignore_errors=True)
+
+    def _launch(
+        self, request: ExecRequest, work: Path, env: dict[str, str], cgroup: RunCgroup | None
+    ) -> tuple[RawRun, Launch]:
+        """Start the backend's command (``_command``) as a child of this process and run it to the end."""
+        launch = self._command(request, work, env, cgroup)
+        try:
+            raw = run_process(
+                launch.argv,
+                cwd=str(work),
+                env=env if self._isolation == "none" else {"PATH": SANDBOX_ENV["PATH"]},
+                stdin=request.stdin,
+                limits=request.limits,
+                preexec=launch.preexec,
+                cgroup=cgroup,
+                pass_fds=launch.pass_fds,
+            )
+        finally:
+            for fd in launch.pass_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if launch.status_fd is not None:
+                launch.status = _drain(launch.status_fd)
+                os.close(launch.status_fd)
+        return raw, launch
 
     def _populate(self, work: Path, files: Mapping[str, bytes]) -> None:
         for name, data in files.items():

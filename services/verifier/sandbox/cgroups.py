@@ -61,8 +61,20 @@ def _own_paths() -> dict[str, str]:
     return own
 
 
-def _write(path: Path, value: str) -> None:
-    path.write_text(value)
+def _write(path: Path | str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY)  # os-level: this runs several times per execution
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 1 << 16).decode()
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -107,9 +119,9 @@ class RunCgroup:
 
     def pids(self) -> list[int]:
         found: set[int] = set()
-        for d in self.dirs:
+        for procs in self.procs_files():
             with contextlib.suppress(OSError, ValueError):
-                found.update(int(p) for p in (d / "cgroup.procs").read_text().split())
+                found.update(int(p) for p in _read(procs).split())
         return sorted(found)
 
     def kill_all(self) -> int:
@@ -136,13 +148,13 @@ class RunCgroup:
             return False
         name = "memory.events" if self.v2 else "memory.oom_control"
         with contextlib.suppress(OSError):
-            for line in (self.memory_dir / name).read_text().splitlines():
+            for line in _read(f"{self.memory_dir}/{name}").splitlines():
                 key, _, value = line.partition(" ")
                 if key == "oom_kill" and int(value or 0) > 0:
                     return True
         if not self.v2:
             with contextlib.suppress(OSError, ValueError):
-                return int((self.memory_dir / "memory.failcnt").read_text()) > 0
+                return int(_read(f"{self.memory_dir}/memory.failcnt")) > 0
         return False
 
     def remove(self) -> None:
@@ -151,7 +163,7 @@ class RunCgroup:
         for d in self.dirs:
             for _ in range(50):
                 try:
-                    d.rmdir()
+                    os.rmdir(d)
                     break
                 except FileNotFoundError:
                     break

@@ -1,7 +1,7 @@
 """The sandbox interface: run one program in a fresh, isolated working directory and report what happened.
 
-Every backend (``nsjail``, ``bwrap``, ``none``) takes the same ``ExecRequest`` and returns the same
-``ExecResult``. Backend detail (command lines, namespaces, cgroups) stays in the backend modules.
+Every backend (``zygote``, ``nsjail``, ``bwrap``, ``none``) takes the same ``ExecRequest`` and returns the
+same ``ExecResult``. Backend detail (command lines, namespaces, cgroups) stays in the backend modules.
 
 Inside the sandbox the working directory is ``/work`` (isolating backends) or the fresh host temp dir
 (``none``); ``ExecRequest.argv`` names files there by relative path and the interpreter by absolute path.
@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 ExecStatus = Literal["ok", "timeout", "sandbox_error"]
-Isolation = Literal["nsjail", "bwrap", "none"]
-ISOLATING_BACKENDS: tuple[Isolation, ...] = ("nsjail", "bwrap")
-BACKENDS: tuple[Isolation, ...] = ("nsjail", "bwrap", "none")
+Isolation = Literal["zygote", "nsjail", "bwrap", "none"]
+# The order fallback tries them in: the long-standing binaries first, then the fast path.
+ISOLATING_BACKENDS: tuple[Isolation, ...] = ("nsjail", "bwrap", "zygote")
+BACKENDS: tuple[Isolation, ...] = ("nsjail", "bwrap", "zygote", "none")
 
 
 class SandboxUnavailableError(RuntimeError):

@@ -1,6 +1,6 @@
 """Capability probing: run a canary program in a backend and check that it is isolated as promised.
 
-A backend is *available* when its binary exists, the canary runs, and (for ``nsjail``/``bwrap``) the
+A backend is *available* when its binary exists, the canary runs, and (for the isolating backends) the
 canary sees only ``lo``, cannot see a host file the probe placed outside the sandbox, cannot write the
 system directories, can write its work dir and lives in its own pid namespace. ``select_sandbox`` probes
 the configured backend at start-up and either returns it, falls back to another *isolating* backend
@@ -87,9 +87,14 @@ class ProbeResult:
         }
 
 
-def build_backend(name: str, *, tmp_base: str | None = None) -> Sandbox:
-    """A backend instance by name; raises ``SandboxUnavailableError`` when its binary is missing and
-    ``ValueError`` (listing the names) for an unknown name."""
+def build_backend(name: str, *, tmp_base: str | None = None, python: str = "/usr/bin/python3") -> Sandbox:
+    """A backend instance by name; raises ``SandboxUnavailableError`` when its binary (or, for
+    ``zygote``, root or cgroups) is missing and ``ValueError`` (listing the names) for an unknown name.
+    ``python`` is the interpreter the ``zygote`` backend keeps warm (``verifier.python``)."""
+    if name == "zygote":
+        from services.verifier.sandbox.zygote import ZygoteSandbox
+
+        return ZygoteSandbox(python=python, tmp_base=tmp_base)
     if name == "nsjail":
         from services.verifier.sandbox.nsjail import NsjailSandbox
 
@@ -147,7 +152,7 @@ def probe_backend(
 ) -> tuple[Sandbox | None, ProbeResult]:
     """Build and probe one backend; the sandbox is returned (open) only when it is available."""
     try:
-        sandbox = build_backend(name, tmp_base=tmp_base)
+        sandbox = build_backend(name, tmp_base=tmp_base, python=python)
     except SandboxUnavailableError as exc:
         return None, ProbeResult(name, False, str(exc))  # type: ignore[arg-type]
     result = run_canary(sandbox, python)
@@ -196,3 +201,19 @@ def select_sandbox(
     )
     reasons = "; ".join(f"{n}: {r.detail}" for n, r in results.items())
     raise SandboxUnavailableError(f"sandbox backend {backend!r} is unavailable ({reasons}); {fix}")
+
+
+def describe(sandbox: Sandbox) -> dict[str, object]:
+    """Which execution path serves, for ``/healthz``: the backend, whether it is the fast path, what it
+    enforces, and the backend's own state (the zygote's pid and restarts)."""
+    caps = sandbox.capabilities
+    extra = getattr(sandbox, "describe", None)
+    return {
+        "backend": sandbox.isolation,
+        "fast_path": sandbox.isolation == "zygote",
+        "namespaces": list(caps.namespaces),
+        "cgroup_pids": caps.cgroup_pids,
+        "cgroup_memory": caps.cgroup_memory,
+        "uid": caps.uid,
+        **(extra() if callable(extra) else {}),
+    }

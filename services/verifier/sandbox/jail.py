@@ -1,0 +1,409 @@
+"""The zygote process of the ``zygote`` backend: a warm interpreter that forks a fresh jail per execution.
+
+Standard library only: it runs as a script under the sandbox interpreter (``verifier.python``), started by
+``ZygoteSandbox`` (``zygote.py``) with a clean ``execve``, an environment of ``PATH`` and ``LANG`` only,
+``-I`` (no user site, no ``PYTHON*`` variables) and one ``SOCK_SEQPACKET`` socket as its only file besides
+stdio. So it holds no secret of the service, and it never reads the content of an execution: each message
+carries only file descriptors (the run's spec in a memfd the service wrote, the stdin read end, the
+stdout/stderr/status write ends) and the run's backstop deadline.
+
+Per message the zygote unshares a new pid namespace for its next child, forks, closes its copies (all but
+the status pipe) and goes back to waiting; it reaps each child and writes its exit status on that run's
+status pipe. The child, used for this one execution and gone after it, is pid 1 of the new namespace (as
+under nsjail) and leads its own session. It reads the spec, joins the run's pids and memory cgroups, unshares
+new mount, net, ipc and uts namespaces, builds a fresh root (a tmpfs with read-only, nosuid binds of the
+system directories, ``/dev/{null,zero,random,urandom}``, a fresh ``/proc``, a tmpfs ``/tmp``, the run's
+work dir at ``/work``), ``pivot_root``s into it and detaches the host's tree, sets the hostname, brings
+``lo`` up (the only interface of the new network namespace), closes every descriptor but stdio, sets the
+rlimits, drops to uid/gid 65534 with no supplementary groups in a user namespace of its own
+(``RLIMIT_NPROC`` per execution), with no capabilities and ``no_new_privs`` (setuid binaries stay
+unprivileged), takes the run's environment only, and runs the program. When ``argv`` asks the zygote's own
+interpreter for a script, ``-c`` or ``-m``, it runs in this already-warm process (a copy-on-write fork of
+the zygote: nothing flows back); any other ``argv`` is ``execve``d in the jail. When it exits the kernel
+kills everything left in its pid namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import gc
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+
+# Imported once here so that programs (and the code harness) find them warm in every fork. Kept small:
+# every resident page of the zygote is copied (page tables at fork, data on first write) per execution.
+PRELOAD = (
+    "bisect",
+    "collections",
+    "copy",
+    "functools",
+    "heapq",
+    "itertools",
+    "math",
+    "random",
+    "runpy",
+    "string",
+)
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+SIOCSIFFLAGS, IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x8914, 0x1, 0x8, 0x40
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+SYSTEM_DIRS = ("/usr", "/bin", "/lib", "/lib64", "/sbin")
+DEVICES = {"null": (1, 3), "zero": (1, 5), "random": (1, 8), "urandom": (1, 9)}
+N_FDS = 5  # spec, stdin, stdout, stderr, status
+_PYTHON_FLAGS = set("IEsSBuq")
+
+CLONE_NEWUSER = 0x10000000
+_CAP_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = tuple((name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable"))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = [None if s is None else s.encode() for s in (src, target, fstype, data)]
+    _check(_libc.mount(enc[0], enc[1], enc[2], flags, enc[3]), f"mount {src} on {target}")
+
+
+def _prctl(option: int, arg: int) -> None:
+    _check(_libc.prctl(option, arg, 0, 0, 0), f"prctl({option})")
+
+
+def _report(fd: int, obj: dict) -> None:
+    """One status line; the host may have stopped listening (it timed the run out), which is fine."""
+    with contextlib.suppress(OSError):
+        os.write(fd, (json.dumps(obj) + "\n").encode())
+
+
+def serve(sock: socket.socket) -> None:
+    """The zygote loop: one fork per message, until the service closes its end of the socket.
+
+    Before each fork the zygote unshares a new pid namespace *for its children* (it stays in its own),
+    so the child is pid 1 of a fresh namespace without a second fork; ``setns`` back to its own pid
+    namespace re-arms ``unshare`` for the next message. The zygote reaps its children and writes each
+    one's exit status on that run's status pipe; a child past its backstop deadline is SIGKILLed.
+    """
+    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # the handler only wakes select via wake_w
+    running: dict[int, tuple[int, float]] = {}  # child pid -> (status fd, backstop deadline)
+    while True:
+        _reap(running)
+        now = time.monotonic()
+        for pid, (_fd, deadline) in list(running.items()):
+            if deadline <= now:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)  # reaped (and reported) on the next round
+        timeout = min((d for _, d in running.values()), default=now + 60.0) - now
+        ready, _, _ = select.select([sock, wake_r], [], [], max(timeout, 0.0))
+        if wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wake_r, 512):
+                    pass
+        if sock not in ready:
+            continue
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 64, N_FDS)
+        if not msg and not fds:
+            return  # the service is gone; its runs end at the host's kill or their backstops
+        if len(fds) != N_FDS or not msg.startswith(b"run "):
+            for fd in fds:
+                os.close(fd)
+            continue
+        pid = _spawn(fds, own_pid_ns)
+        for fd in fds[:4]:
+            os.close(fd)
+        if pid is None:
+            os.close(fds[4])
+        else:
+            running[pid] = (fds[4], time.monotonic() + float(msg.split()[1]))
+
+
+def _spawn(fds: list[int], own_pid_ns: int) -> int | None:
+    """Fork one jail as pid 1 of a new pid namespace; None (reported on the status pipe) on failure."""
+    try:
+        _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() != 1:
+                _check(_libc.setns(own_pid_ns, CLONE_NEWPID), "setns back to the zygote's pid namespace")
+    except OSError as exc:
+        _report(fds[4], {"error": f"zygote could not fork: {exc}"})
+        return None
+    if pid == 0:
+        code = 71
+        try:
+            _program(*fds)
+        except BaseException as exc:  # fd 3 is the status pipe until the program starts
+            _report(3, {"error": f"jail set-up: {type(exc).__name__}: {exc}"})
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _reap(running: dict[int, tuple[int, float]]) -> None:
+    while running:
+        try:
+            pid, wstatus = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        entry = running.pop(pid, None)
+        if entry is None:
+            continue
+        if os.WIFSIGNALED(wstatus):
+            _report(entry[0], {"signal": os.WTERMSIG(wstatus)})
+        else:
+            _report(entry[0], {"exit": os.waitstatus_to_exitcode(wstatus)})
+        os.close(entry[0])
+
+
+def _build_root(root: str, work: str) -> None:
+    """The jail's filesystem at ``root`` (host path), then ``pivot_root`` into it."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID, "size=1m,mode=0755")
+    for path in SYSTEM_DIRS:
+        target = root + path
+        if os.path.islink(path):
+            os.symlink(os.readlink(path), target)
+        elif os.path.isdir(path):
+            os.mkdir(target)
+            _mount(path, target, None, MS_BIND)  # not MS_REC: no host submount comes along
+            _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.mkdir(root + "/dev")
+    for name, (major, minor) in DEVICES.items():
+        os.mknod(f"{root}/dev/{name}", 0o666 | 0o020000, os.makedev(major, minor))
+        os.chmod(f"{root}/dev/{name}", 0o666)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        os.symlink(target, f"{root}/dev/{name}")
+    for name in ("proc", "tmp", "work"):
+        os.mkdir(f"{root}/{name}")
+    _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
+    _mount(work, root + "/work", None, MS_BIND)
+    _mount(None, root + "/work", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
+    os.chdir(root)
+    nr = SYS_PIVOT_ROOT.get(os.uname().machine)
+    if nr is None:
+        raise OSError(f"pivot_root: unknown syscall number on {os.uname().machine}")
+    _check(_libc.syscall(nr, b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")  # the host's tree is gone from this view
+    os.chdir("/")
+    _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID)
+
+
+def _program(spec_fd: int, stdin: int, stdout: int, stderr: int, status: int) -> None:
+    """Pid 1 of the new pid namespace: build the jail, drop to uid 65534, run the program."""
+    signal.set_wakeup_fd(-1)  # the zygote's loop plumbing: the program gets CPython's defaults
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()  # a session (and so a scheduler autogroup) of its own, as nsjail/bwrap runs get
+    spec = json.loads(os.pread(spec_fd, 1 << 24, 0))
+    for target, fd in enumerate((stdin, stdout, stderr, status)):  # every fd here is >= 3: no clobbering
+        os.dup2(fd, target)
+    os.set_inheritable(3, False)  # closed on execve; closed before running Python code below
+    os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # incl. other runs' status pipes
+    for procs in spec["cgroup_procs"]:  # first: everything below runs inside the run's limits
+        fd = os.open(procs, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")  # "0" is the writer (its pid in this namespace means nothing to cgroupfs)
+        finally:
+            os.close(fd)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # should the zygote die, its jails die
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+    _build_root(spec["root"], spec["work"])
+    host = spec["hostname"].encode()
+    _check(_libc.sethostname(host, len(host)), "sethostname")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING))
+    os.chdir("/work")
+    for res, value in spec["rlimits"]:
+        resource.setrlimit(res, (value, value))
+    _drop_privileges(spec["uid"], spec["gid"], spec["nproc"])
+    os.environ.clear()
+    os.environ.update(spec["env"])
+    argv = spec["argv"]
+    if os.path.realpath(argv[0]) == os.path.realpath(sys.executable):
+        plan = _python_plan(argv[1:])
+        if plan is not None:
+            os.close(3)  # from here on, nothing of the jail's plumbing is open in the program
+            _run_python(*plan)
+    os.execve(argv[0], argv, spec["env"])
+
+
+def _drop_privileges(uid: int, gid: int, nproc: int) -> None:
+    """uid/gid 65534 in a user namespace of this execution's own, no capabilities, ``no_new_privs``.
+
+    The user namespace makes ``RLIMIT_NPROC`` count this execution's processes only (the host uid 65534
+    is shared by every execution): a fork bomb then fails at the start of ``fork``, before the kernel
+    copies its address space, and cannot slow its neighbours (the pids cgroup alone fails it late).
+    """
+    highest = resource.getrlimit(resource.RLIMIT_NPROC)[1]  # the host-level cap recorded at unshare:
+    resource.setrlimit(resource.RLIMIT_NPROC, (highest, highest))  # as high as the service's own
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+    _prctl(PR_SET_DUMPABLE, 1)  # the uid change made /proc/self root's; dumpable, as under nsjail
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        fd = os.open(f"/proc/self/{name}", os.O_WRONLY)  # unprivileged: each maps only our own id
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+    header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")  # the new namespace's full set: dropped
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # credential changes cleared it
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _python_plan(args: list[str]) -> tuple[str, str, list[str], bool, bool] | None:
+    """``(kind, target, argv, isolated, unbuffered)`` for ``python [-IEsSBuq]... (-c code | -m mod |
+    script) args``; None for anything else (then the interpreter is exec'd for real)."""
+    isolated = unbuffered = False
+    while args and args[0].startswith("-") and args[0] not in ("-", "-c", "-m"):
+        letters = set(args[0][1:])
+        if not letters or not letters <= _PYTHON_FLAGS:
+            return None
+        isolated |= "I" in letters
+        unbuffered |= "u" in letters
+        args = args[1:]
+    if not args or args[0] == "-":
+        return None
+    if args[0] in ("-c", "-m"):
+        if len(args) < 2:
+            return None
+        return args[0][1], args[1], [args[0], *args[2:]], isolated, unbuffered
+    return "s", args[0], list(args), isolated, unbuffered
+
+
+def _stdio(unbuffered: bool) -> None:
+    """Fresh ``sys.std*`` on fds 0-2, configured as CPython configures them for pipes."""
+    import io
+
+    buffering = 0 if unbuffered else -1
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(open(0, "rb", closefd=False), encoding="utf-8")  # noqa: SIM115
+    out = open(1, "wb", buffering=buffering, closefd=False)  # noqa: SIM115  # lives as long as the process
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(out, encoding="utf-8", write_through=unbuffered)
+    err = open(2, "wb", buffering=buffering, closefd=False)  # noqa: SIM115
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+        err, encoding="utf-8", errors="backslashreplace", line_buffering=True, write_through=unbuffered
+    )
+
+
+def _run_python(kind: str, target: str, argv: list[str], isolated: bool, unbuffered: bool) -> None:
+    """Run the program as ``python`` would, in this process, then exit with its status."""
+    import atexit
+    import runpy
+    import types
+
+    _stdio(unbuffered)
+    sys.argv = argv
+    code = 0
+    try:
+        if kind == "m":
+            sys.argv[0] = target
+            if not isolated:
+                sys.path.insert(0, os.getcwd())
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            if kind == "c":
+                source, filename = target, "<string>"
+            else:
+                with open(target, "rb") as f:
+                    source, filename = f.read(), target
+            if not isolated:
+                sys.path.insert(0, "" if kind == "c" else os.path.dirname(os.path.abspath(target)))
+            main = types.ModuleType("__main__")
+            main.__dict__["__builtins__"] = __builtins__
+            if kind == "s":
+                main.__file__ = os.path.abspath(filename)  # as CPython >= 3.9 sets it
+            sys.modules["__main__"] = main
+            exec(compile(source, filename, "exec"), main.__dict__)
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+    except BaseException as exc:
+        code = 1
+        traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
+    code = _shutdown(code, atexit)
+    os._exit(code)
+
+
+def _exit_code(value: object) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value & 0xFF
+    with contextlib.suppress(BaseException):  # an unprintable exit value still exits with 1, as in CPython
+        sys.stderr.write(f"{value}\n")
+    return 1
+
+
+def _shutdown(code: int, atexit: object) -> int:
+    """What interpreter exit does: join non-daemon threads, run atexit handlers, flush stdio."""
+    try:
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            threading._shutdown()  # type: ignore[attr-defined]
+        atexit._run_exitfuncs()  # type: ignore[attr-defined]
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+    except BaseException:
+        traceback.print_exc()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # a closed or broken stream: CPython exits with 120 after a failed flush
+            code = code or 120
+    return code
+
+
+def main() -> None:
+    """Entry point: ``python -I jail.py <fd>`` with the control socket at ``fd``."""
+    for name in PRELOAD:
+        __import__(name)
+    gc.freeze()  # a collection in a child would otherwise touch (and so copy) every object of the zygote
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    serve(sock)
+
+
+if __name__ == "__main__":
+    main()
