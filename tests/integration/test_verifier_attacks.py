@@ -33,8 +33,8 @@ WALL_S = 3.0
 
 
 def _code(item_id: str, program: str, expected: str = "unreachable", **extra: object) -> dict:
-    tests = [{"stdin": "", "expected_stdout": expected}]
-    return {"id": item_id, "task": "code", "response": f"```python\n{program}\n```", "tests": tests, **extra}
+    item = {"id": item_id, "task": "code", "response": f"```python\n{program}\n```"}
+    return {**item, "tests": [{"stdin": "", "expected_stdout": expected}], **extra}
 
 
 def _host_pids_with(marker: str) -> list[int]:
@@ -95,6 +95,24 @@ def _resource_attacks(marker: str) -> dict[str, tuple[dict, set[str]]]:
             _code("stdout_flood", "import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))"),
             {"fail"},
         ),
+        # assert tests that pass only if the harness ran a statement the program neutered
+        "assert_no_exec": (
+            _code(
+                "assert_no_exec",
+                "import builtins\nbuiltins.exec = lambda *a, **k: None",
+                tests=[{"assert": "assert False"}],
+            ),
+            {"fail"},
+        ),
+        "assert_no_compile": (
+            _code(
+                "assert_no_compile",
+                "import builtins\ncompile_ = builtins.compile\n"
+                "builtins.compile = lambda source, *a, **k: compile_('pass', *a, **k)",
+                tests=[{"assert": "assert False"}],
+            ),
+            {"fail"},
+        ),
         "math_tower": (
             {"id": "math_tower", "task": "math", "response": "\\boxed{9^{9^{9^{9}}}}", "answer": "1"},
             {"timeout"},
@@ -119,7 +137,6 @@ def _isolation_attacks(
         f"try:\n    open({p!r}, 'w').write('pwned')\nexcept OSError:\n    pass" for p in outside
     )
     return {
-        **_cross_execution_attacks(),
         "tcp_connect": (
             _code(
                 "tcp_connect",
@@ -158,39 +175,55 @@ def _isolation_attacks(
     }
 
 
-def _cross_execution_attacks() -> dict[str, tuple[dict, set[str]]]:
-    """Two executions of one batch run at once: ``plant_secret`` writes a secret into its work dir, /tmp
-    and its environment and holds them while ``steal_secret`` searches every path another execution's
-    files could be reached by (the host's temp dirs, other processes' roots, cwds and environments)."""
-    plant = (
-        "import os, time\n"
-        "secret = 'exec-secret-' + os.urandom(8).hex()\n"
-        "os.environ['LPO_SECRET'] = secret\n"
-        "for path in ('secret.txt', '/tmp/secret.txt'):\n"
-        "    open(path, 'w').write(secret)\n"
-        "time.sleep(1.5)\n"
-        "print('planted')"
-    )
-    steal = (
-        "import glob, os, time\n"
-        "patterns = ['/dev/shm/lpo-sbx-*/work/*', '/tmp/lpo-sbx-*/work/*', '/proc/[0-9]*/root/work/*',\n"
-        "            '/proc/[0-9]*/root/tmp/*', '/proc/[0-9]*/cwd/*', '/proc/[0-9]*/environ',\n"
-        "            '/tmp/*', '../*']\n"
-        "found = ''\n"
-        "deadline = time.monotonic() + 1.2\n"
-        "while not found and time.monotonic() < deadline:\n"
-        "    for path in (p for pattern in patterns for p in glob.glob(pattern)):\n"
-        "        try:\n            data = open(path, 'rb').read()\n"
-        "        except OSError:\n            continue\n"
-        "        if b'exec-secret-' in data:\n            found = data.decode(errors='replace')\n"
-        "    time.sleep(0.05)\n"
-        "print(found or 'nothing')"
-    )
-    return {
-        "plant_secret": (_code("plant_secret", plant, expected="planted"), {"pass"}),
-        # 'nothing' would be the honest answer; the test passes only if a secret was found
-        "steal_secret": (_code("steal_secret", steal, expected="exec-secret-"), {"fail"}),
-    }
+PLANT = (
+    "import os, time\n"
+    "secret = 'exec-secret-' + os.urandom(8).hex()\n"
+    "os.environ['LPO_SECRET'] = secret\n"
+    "for path in ('secret.txt', '/tmp/secret.txt'):\n"
+    "    open(path, 'w').write(secret)\n"
+    "time.sleep(2.5)\n"  # alive, holding its secret, for the whole of the stealer's search
+    "print('planted')"
+)
+STEAL = (
+    "import glob, os, time\n"
+    "needle = ('exec-' + 'secret-').encode()  # so that this program's own source does not match\n"
+    "patterns = ['/dev/shm/lpo-sbx-*/work/*', '/tmp/lpo-sbx-*/work/*', '/proc/[0-9]*/root/work/*',\n"
+    "            '/proc/[0-9]*/root/tmp/*', '/proc/[0-9]*/cwd/*', '/proc/[0-9]*/environ',\n"
+    "            '/tmp/*', '../*']\n"
+    "found = False\n"
+    "deadline = time.monotonic() + 1.5\n"
+    "while not found and time.monotonic() < deadline:\n"
+    "    for path in (p for pattern in patterns for p in glob.glob(pattern)):\n"
+    "        try:\n            found = found or needle in open(path, 'rb').read()\n"
+    "        except OSError:\n            continue\n"
+    "    time.sleep(0.05)\n"
+    "print('found' if found else 'nothing')"
+)
+
+
+@pytest.mark.parametrize("backend", [*ISOLATING, "none"])
+def test_a_running_execution_is_invisible_to_another(backend: str) -> None:
+    """Two executions start together: ``plant`` writes a secret into its work dir, /tmp and its environment
+    and holds them while ``steal`` searches every path another execution's files could be reached by (the
+    host's temp dirs, other processes' roots, cwds and environments). Under ``none`` (no isolation, both
+    programs run as the same uid) the search finds it: the control that the stealer works."""
+    assert backend in AVAILABLE, f"{backend} does not pass its probe here"
+    cfg = VerifierConfig(
+        sandbox=_config_name(backend), timeout_s=6.0, memory_mb=256, max_concurrency=2,
+        allow_unsandboxed_code=backend == "none",
+    )  # fmt: skip
+    sandbox = build_backend(backend)
+    try:
+        with TestClient(create_app(cfg, sandbox=sandbox)) as client:
+            items = [_code("plant", PLANT, expected="planted"), _code("steal", STEAL, expected="nothing")]
+            reply = client.post("/v1/verify", json={"items": items})
+            assert reply.status_code == 200, reply.text
+            results = {r["id"]: r for r in reply.json()["results"]}
+    finally:
+        sandbox.close()
+    assert results["plant"]["status"] == "pass", results["plant"]
+    want = "fail" if backend == "none" else "pass"  # pass: the stealer printed 'nothing'
+    assert results["steal"]["status"] == want, results["steal"]
 
 
 LEAVE_BEHIND = (

@@ -7,6 +7,7 @@ Backend tests are parametrized over the backends the probe reports available (ne
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import time
@@ -149,6 +150,48 @@ def test_isolation(name: str, tmp_path: Path) -> None:
     assert lines[1] == "['lo']"
     uid, pid = map(int, lines[2].split())
     assert uid == 65534 and pid <= 3
+
+
+KEYS = r"""
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+found = []
+for keyring in (-3, -4, -5):  # session, user, user-session keyrings: whatever a run inherits or shares
+    for name in (b"lpo-service-key", b"lpo-planted-key"):
+        if libc.syscall(250, 10, ctypes.c_long(keyring), b"user", name, 0) > 0:  # KEYCTL_SEARCH
+            found.append(name.decode())
+print("found " + " ".join(sorted(set(found))) if found else "nothing")
+if sys.argv[1:] == ["plant"]:
+    for keyring in (-3, -4, -5):
+        data = b"planted"
+        key = libc.syscall(248, b"user", b"lpo-planted-key", data, len(data), ctypes.c_long(keyring))
+        print("planted" if key > 0 else "not planted")
+"""
+
+
+@pytest.mark.parametrize("name", ISOLATING)
+def test_no_execution_shares_a_keyring_with_the_service_or_another(name: str) -> None:
+    """The service holds a key in its session keyring when the sandbox starts (the zygote: its process);
+    run A looks for it and plants keys of its own in every keyring it can reach; run B looks for both.
+    (The test process keeps the fresh session keyring it joins here: nothing else uses one.)"""
+    assert os.uname().machine == "x86_64", "the syscall numbers below are x86_64's"
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    assert libc.syscall(250, 1, None) > 0, ctypes.get_errno()  # KEYCTL_JOIN_SESSION_KEYRING: a fresh one
+    secret = b"service-credential"
+    key = libc.syscall(248, b"user", b"lpo-service-key", secret, len(secret), ctypes.c_long(-3))
+    assert key > 0, ctypes.get_errno()
+    assert libc.syscall(250, 10, ctypes.c_long(-3), b"user", b"lpo-service-key", 0) == key  # findable here
+    box = build_backend(name)
+    try:
+        a = box.run(ExecRequest((PYTHON, "keys.py", "plant"), files={"keys.py": KEYS.encode()}))
+        b = box.run(ExecRequest((PYTHON, "keys.py"), files={"keys.py": KEYS.encode()}))
+    finally:
+        box.close()
+    assert a.stdout.decode().split("\n")[0] == "nothing", a
+    assert "planted" in a.stdout.decode().split("\n"), a  # the plant itself worked, in A's own keyrings
+    assert b.stdout == b"nothing\n", b
 
 
 def test_a_broken_backend_reports_sandbox_error_not_a_program_failure() -> None:

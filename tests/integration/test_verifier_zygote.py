@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -201,3 +202,68 @@ def test_a_dead_zygote_is_replaced_and_the_service_keeps_running() -> None:
         assert state["zygote_starts"] == 2 and state["zygote_pid"] not in (None, first)
     finally:
         box.close()
+
+
+def test_an_execution_cannot_create_a_user_namespace(zygote: ZygoteSandbox) -> None:
+    """A nested user namespace would give the program a full capability set in it."""
+    code = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print('created' if libc.unshare(0x10000000) == 0 else 'refused')\n"  # CLONE_NEWUSER
+        "import subprocess\n"  # and util-linux's unshare(1), an exec'd program
+        "done = subprocess.run(['unshare', '--user', 'true'], stderr=subprocess.DEVNULL).returncode == 0\n"
+        "print('created' if done else 'refused')\n"
+    )
+    result = zygote.run(_py(code))
+    assert result.stdout == b"refused\nrefused\n", result
+
+
+def test_each_execution_has_a_host_uid_of_its_own(zygote: ZygoteSandbox) -> None:
+    """65534 inside; outside a uid no other execution (nor a daemon running as nobody) has."""
+    code = (
+        "import os, time\n"
+        "print(os.getuid(), open('/proc/self/uid_map').read().split()[1], flush=True)\n"
+        "time.sleep(1)\n"
+    )
+    with ThreadPoolExecutor(4) as pool:  # alive together
+        results = list(pool.map(lambda _: zygote.run(_py(code, wall_s=10)), range(4)))
+    seen = [r.stdout.decode().split() for r in results]
+    assert all(inner == "65534" for inner, _ in seen), seen
+    outer = {int(host) for _, host in seen}
+    assert len(outer) == 4 and not outer & {0, 65534}, seen
+
+
+def test_each_execution_runs_in_its_own_cgroup(zygote: ZygoteSandbox) -> None:
+    manager = zygote.cgroups
+    parents = {p for p in (manager.pids_parent, manager.memory_parent) if p is not None}
+    result = zygote.run(_py("print(open('/proc/self/cgroup').read())"))
+    lines = result.stdout.decode().split("\n")
+    for parent in parents:
+        assert any(re.search(rf"/{parent.name}/run-[0-9a-f]{{12}}$", line) for line in lines), (parent, lines)
+
+
+def test_processes_each_under_the_address_space_limit_together_hit_the_memory_cgroup(
+    zygote: ZygoteSandbox,
+) -> None:
+    code = (
+        "import os, time\n"
+        "kids = []\n"
+        "for _ in range(4):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        b = bytearray(100 << 20)\n"  # under RLIMIT_AS; four of them exceed the cgroup's limit
+        "        for j in range(0, len(b), 4096): b[j] = 1\n"
+        "        time.sleep(2); os._exit(0)\n"  # all alive together
+        "    kids.append(pid)\n"
+        "print(sorted(os.waitstatus_to_exitcode(os.waitpid(k, 0)[1]) for k in kids))\n"
+    )
+    result = zygote.run(_py(code, memory_mb=128, wall_s=15))
+    assert result.oom_killed, result
+    assert json.loads(result.stdout)[0] == -signal.SIGKILL, result
+
+
+def test_exec_programs_get_default_sigpipe(zygote: ZygoteSandbox) -> None:
+    """CPython ignores SIGPIPE and SIGXFSZ; a program it execs must not inherit that."""
+    result = zygote.run(ExecRequest(("/usr/bin/sh", "-c", "grep SigIgn /proc/self/status")))
+    ignored = int(result.stdout.split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)), result

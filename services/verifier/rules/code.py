@@ -14,7 +14,10 @@ each test starts from the same clean state): stdin/stdout tests run the program 
 test's stdin and report a digest of stdout normalised line by line (trailing whitespace ignored), which
 the host compares with the expected output's digest, so expected outputs never enter the sandbox; assert
 tests execute the program as module ``solution`` and then the statement, and pass only when the
-statement completed (an early ``exit(0)`` is a failure). After each test its process group is killed,
+statement completed (an early ``exit(0)`` is a failure); the statement is compiled, and everything the
+test process runs after the program is bound, before the program runs, so replacing ``builtins.exec``,
+``compile``, ``os.write`` or ``os._exit`` does not skip it (frame introspection still can: docs/VERIFIER.md).
+After each test its process group is killed,
 and where the harness is pid 1 of the jail (zygote, nsjail) every other process too. Results come back
 as lines tagged with a per-run nonce on a descriptor no test holds. ``limits.wall_s`` bounds the whole
 invocation. Status, in order: ``sandbox_error`` (the sandbox failed; never a ``fail``), ``parse_error``
@@ -67,8 +70,12 @@ def memfd(data=b""):
     return fd
 
 
-def child(code, test, stdin_fd, out_fd, token):
-    # the forked test process: fresh stdio, the program, then (assert tests) the statement
+def child(code, test, stdin_fd, out_fd, token, exit_now):
+    # the forked test process: fresh stdio, the program, then (assert tests) the statement. What runs
+    # after the program is bound here first: a program that replaces builtins.exec, os.write, os._exit,
+    # compile or sys.stdout changes those names, not these locals (the statement is compiled already).
+    run, write = exec, os.write
+    statement = compile(test["assert"], "<test>", "exec") if "assert" in test else None
     os.setpgid(0, 0)
     null = os.open("/dev/null", os.O_WRONLY)
     for target, fd in enumerate((stdin_fd, out_fd, null)):
@@ -78,27 +85,30 @@ def child(code, test, stdin_fd, out_fd, token):
     sys.stdout = io.TextIOWrapper(io.open(1, "wb", closefd=False), encoding="utf-8")
     err = io.open(2, "wb", closefd=False)
     sys.stderr = io.TextIOWrapper(err, encoding="utf-8", errors="backslashreplace")
-    name = "solution" if "assert" in test else "__main__"
+    flush = sys.stdout.flush
+    name = "solution" if statement is not None else "__main__"
     module = types.ModuleType(name)
     module.__file__ = "solution.py"
     sys.modules[name] = module
     sys.argv = ["solution.py"]
     status = 0
     try:
-        exec(code, module.__dict__)
-        if "assert" in test:
-            exec(compile(test["assert"], "<test>", "exec"), module.__dict__)
-            sys.stdout.flush()
-            os.write(1, token)
+        run(code, module.__dict__)
+        if statement is not None:
+            run(statement, module.__dict__)
+            sys.stdout.flush()  # the program's sys.stdout (it may have replaced ours), then ours
+            flush()
+            write(1, token)
     except SystemExit as exc:
         status = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
     except BaseException:
         status = 1
     try:
-        sys.stdout.flush()
+        sys.stdout.flush()  # as interpreter exit flushes it
+        flush()
     except BaseException:
         status = status or 120
-    os._exit(status & 0xFF)
+    exit_now(status & 0xFF)
 
 
 def wait(pid, timeout):
@@ -134,12 +144,13 @@ def run_one(code, test, timeout, cap):
     token = os.urandom(16).hex().encode()
     stdin_fd = memfd(test.get("stdin", "").encode())
     out_fd = memfd()
+    exit_now = os._exit
     pid = os.fork()
     if pid == 0:
         try:
-            child(code, test, stdin_fd, out_fd, token)
+            child(code, test, stdin_fd, out_fd, token, exit_now)
         finally:
-            os._exit(70)
+            exit_now(70)
     os.close(stdin_fd)
     status = wait(pid, timeout)
     if status is None:

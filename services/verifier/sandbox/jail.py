@@ -7,16 +7,19 @@ stdio. So it holds no secret of the service, and it never reads the content of a
 carries only file descriptors (the run's spec in a memfd the service wrote, the stdin read end, the
 stdout/stderr/status write ends) and the run's backstop deadline.
 
-Per message the zygote unshares a new pid namespace for its next child, forks, closes its copies (all but
-the status pipe) and goes back to waiting; it reaps each child and writes its exit status on that run's
-status pipe. The child, used for this one execution and gone after it, is pid 1 of the new namespace (as
-under nsjail) and leads its own session. It reads the spec, joins the run's pids and memory cgroups, unshares
+At start-up the zygote joins a fresh session keyring (not the service's). Per message it unshares a new pid
+namespace for its next child, forks, closes its copies (all but the status pipe) and goes back to waiting;
+it reaps each child and writes its exit status on that run's status pipe. The child, used for this one
+execution and gone after it, is pid 1 of the new namespace (as under nsjail), dies with the zygote
+(``PR_SET_PDEATHSIG``), leads its own session, joins a fresh anonymous session keyring and resets the
+signals CPython ignores. It reads the spec, joins the run's pids and memory cgroups, unshares
 new mount, net, ipc and uts namespaces, builds a fresh root (a tmpfs with read-only, nosuid binds of the
 system directories, ``/dev/{null,zero,random,urandom}``, a fresh ``/proc``, a tmpfs ``/tmp``, the run's
 work dir at ``/work``), ``pivot_root``s into it and detaches the host's tree, sets the hostname, brings
 ``lo`` up (the only interface of the new network namespace), closes every descriptor but stdio, sets the
-rlimits, drops to uid/gid 65534 with no supplementary groups in a user namespace of its own
-(``RLIMIT_NPROC`` per execution), with no capabilities and ``no_new_privs`` (setuid binaries stay
+rlimits, drops to a host uid/gid of this execution's own (65534 inside), with no supplementary groups, in a
+user namespace of its own (``RLIMIT_NPROC`` per execution) that may create no nested user namespace, with
+no capabilities and ``no_new_privs`` (setuid binaries stay
 unprivileged), takes the run's environment only, and runs the program. When ``argv`` asks the zygote's own
 interpreter for a script, ``-c`` or ``-m``, it runs in this already-warm process (a copy-on-write fork of
 the zygote: nothing flows back); any other ``argv`` is ``execve``d in the jail. When it exits the kernel
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import gc
 import json
@@ -63,6 +67,8 @@ MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 SIOCSIFFLAGS, IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x8914, 0x1, 0x8, 0x40
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}
+KEYCTL_JOIN_SESSION_KEYRING = 1
 SYSTEM_DIRS = ("/usr", "/bin", "/lib", "/lib64", "/sbin")
 DEVICES = {"null": (1, 3), "zero": (1, 5), "random": (1, 8), "urandom": (1, 9)}
 N_FDS = 5  # spec, stdin, stdout, stderr, status
@@ -87,6 +93,8 @@ _libc.unshare.argtypes = [ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.syscall.restype = ctypes.c_long
+_zygote_pidfd = -1  # set by serve()
 
 
 def _check(ret: int, what: str) -> None:
@@ -104,6 +112,18 @@ def _prctl(option: int, arg: int) -> None:
     _check(_libc.prctl(option, arg, 0, 0, 0), f"prctl({option})")
 
 
+def _new_session_keyring() -> None:
+    """Join a fresh anonymous session keyring, so that no execution can read the keys of the service (or of
+    whatever started it) nor plant keys for a later execution through an inherited one."""
+    nr = SYS_KEYCTL.get(os.uname().machine)
+    if nr is None:  # the jail cannot be built there either (pivot_root has no number): fail closed
+        raise OSError(f"keyctl: unknown syscall number on {os.uname().machine}")
+    if _libc.syscall(nr, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:  # a kernel without keys has no keyring to share
+            raise OSError(err, f"keyctl(KEYCTL_JOIN_SESSION_KEYRING): {os.strerror(err)}")
+
+
 def _report(fd: int, obj: dict) -> None:
     """One status line; the host may have stopped listening (it timed the run out), which is fine."""
     with contextlib.suppress(OSError):
@@ -118,6 +138,8 @@ def serve(sock: socket.socket) -> None:
     namespace re-arms ``unshare`` for the next message. The zygote reaps its children and writes each
     one's exit status on that run's status pipe; a child past its backstop deadline is SIGKILLed.
     """
+    global _zygote_pidfd
+    _zygote_pidfd = os.pidfd_open(os.getpid())  # readable once the zygote has exited
     own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
@@ -140,7 +162,7 @@ def serve(sock: socket.socket) -> None:
             continue
         msg, fds, _flags, _addr = socket.recv_fds(sock, 64, N_FDS)
         if not msg and not fds:
-            return  # the service is gone; its runs end at the host's kill or their backstops
+            return  # the service is gone: the zygote exits and PR_SET_PDEATHSIG kills its jails
         if len(fds) != N_FDS or not msg.startswith(b"run "):
             for fd in fds:
                 os.close(fd)
@@ -231,22 +253,28 @@ def _build_root(root: str, work: str) -> None:
 
 
 def _program(spec_fd: int, stdin: int, stdout: int, stderr: int, status: int) -> None:
-    """Pid 1 of the new pid namespace: build the jail, drop to uid 65534, run the program."""
-    signal.set_wakeup_fd(-1)  # the zygote's loop plumbing: the program gets CPython's defaults
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.setsid()  # a session (and so a scheduler autogroup) of its own, as nsjail/bwrap runs get
+    """Pid 1 of the new pid namespace: build the jail, drop to the run's own uid, run the program."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # first: should the zygote die, its jails die
+    # getppid() is 0 here (the zygote is outside this pid namespace); its pidfd says whether it died
+    # before the line above
+    if select.select([_zygote_pidfd], [], [], 0)[0]:
+        os._exit(71)
     spec = json.loads(os.pread(spec_fd, 1 << 24, 0))
     for target, fd in enumerate((stdin, stdout, stderr, status)):  # every fd here is >= 3: no clobbering
         os.dup2(fd, target)
     os.set_inheritable(3, False)  # closed on execve; closed before running Python code below
     os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # incl. other runs' status pipes
+    signal.set_wakeup_fd(-1)  # the zygote's loop plumbing: the program gets the defaults a fresh
+    for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):  # process has (CPython ignores SIGPIPE
+        signal.signal(sig, signal.SIG_DFL)  # and SIGXFSZ; _run_python re-ignores them as CPython does)
+    os.setsid()  # a session (and so a scheduler autogroup) of its own, as nsjail/bwrap runs get
+    _new_session_keyring()
     for procs in spec["cgroup_procs"]:  # first: everything below runs inside the run's limits
         fd = os.open(procs, os.O_WRONLY)
         try:
             os.write(fd, b"0")  # "0" is the writer (its pid in this namespace means nothing to cgroupfs)
         finally:
             os.close(fd)
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # should the zygote die, its jails die
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
     _build_root(spec["root"], spec["work"])
     host = spec["hostname"].encode()
@@ -256,7 +284,7 @@ def _program(spec_fd: int, stdin: int, stdout: int, stderr: int, status: int) ->
     os.chdir("/work")
     for res, value in spec["rlimits"]:
         resource.setrlimit(res, (value, value))
-    _drop_privileges(spec["uid"], spec["gid"], spec["nproc"])
+    _drop_privileges(spec["host_uid"], spec["uid"], spec["nproc"])
     os.environ.clear()
     os.environ.update(spec["env"])
     argv = spec["argv"]
@@ -268,31 +296,45 @@ def _program(spec_fd: int, stdin: int, stdout: int, stderr: int, status: int) ->
     os.execve(argv[0], argv, spec["env"])
 
 
-def _drop_privileges(uid: int, gid: int, nproc: int) -> None:
-    """uid/gid 65534 in a user namespace of this execution's own, no capabilities, ``no_new_privs``.
+def _drop_privileges(host_id: int, inner_id: int, nproc: int) -> None:
+    """Host uid/gid ``host_id`` (this execution's own), seen as ``inner_id`` (65534) inside a user namespace
+    of this execution's own that may create no further user namespace; no capabilities, ``no_new_privs``.
 
-    The user namespace makes ``RLIMIT_NPROC`` count this execution's processes only (the host uid 65534
-    is shared by every execution): a fork bomb then fails at the start of ``fork``, before the kernel
-    copies its address space, and cannot slow its neighbours (the pids cgroup alone fails it late).
+    An id of its own means no other process on the host (another execution, a daemon running as nobody)
+    has the uid that may signal, trace or read it. The user namespace makes ``RLIMIT_NPROC`` count this
+    execution's processes only: a fork bomb then fails at the start of ``fork``, before the kernel copies
+    its address space, and cannot slow its neighbours (the pids cgroup alone fails it late).
     """
     highest = resource.getrlimit(resource.RLIMIT_NPROC)[1]  # the host-level cap recorded at unshare:
     resource.setrlimit(resource.RLIMIT_NPROC, (highest, highest))  # as high as the service's own
     os.setgroups([])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
+    os.setresgid(host_id, host_id, host_id)
+    os.setresuid(host_id, host_id, host_id)
     _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
     _prctl(PR_SET_DUMPABLE, 1)  # the uid change made /proc/self root's; dumpable, as under nsjail
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-        fd = os.open(f"/proc/self/{name}", os.O_WRONLY)  # unprivileged: each maps only our own id
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
+    maps = (
+        ("setgroups", "deny"),
+        ("uid_map", f"{inner_id} {host_id} 1"),
+        ("gid_map", f"{inner_id} {host_id} 1"),
+    )
+    for name, text in maps:
+        _write_proc(f"/proc/self/{name}", text)  # unprivileged: each maps only our own host id
+    # While it still holds the new namespace's capabilities: no nested user namespace, which would hand
+    # the program a full capability set again (the limit is per namespace and binds its descendants too).
+    _write_proc("/proc/sys/user/max_user_namespaces", "0")
     header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
     _check(_libc.capset(ctypes.byref(header), data), "capset")  # the new namespace's full set: dropped
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # credential changes cleared it
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _write_proc(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def _python_plan(args: list[str]) -> tuple[str, str, list[str], bool, bool] | None:
@@ -336,6 +378,8 @@ def _run_python(kind: str, target: str, argv: list[str], isolated: bool, unbuffe
     import types
 
     _stdio(unbuffered)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # as CPython's start-up sets them (execve resets them)
+        signal.signal(sig, signal.SIG_IGN)
     sys.argv = argv
     code = 0
     try:
@@ -401,6 +445,7 @@ def main() -> None:
     for name in PRELOAD:
         __import__(name)
     gc.freeze()  # a collection in a child would otherwise touch (and so copy) every object of the zygote
+    _new_session_keyring()  # not the service's: each jail then joins a fresh one of its own
     sock = socket.socket(fileno=int(sys.argv[1]))
     serve(sock)
 

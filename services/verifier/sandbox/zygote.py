@@ -11,15 +11,18 @@ isolation of the ``nsjail`` backend (jail.py's docstring lists it). What is reus
 is in docs/VERIFIER.md ("What the zygote reuses").
 
 Needs root (to create namespaces without a user namespace and join the run's cgroup) and pids + memory
-cgroups (the only way to bound and kill a tree of uid-65534 processes that share one host uid).
+cgroups (the only way to bound and kill a run's process tree wherever it forks or ``setsid``s to). Each
+execution runs as a host uid/gid of its own (``_next_run_id``), 65534 inside its user namespace.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
+import secrets
 import selectors
 import socket
 import subprocess
@@ -38,6 +41,19 @@ JAIL_SCRIPT = Path(__file__).with_name("jail.py")
 _ZYGOTE_ENV = {"PATH": SANDBOX_ENV["PATH"], "LANG": "C.UTF-8"}  # nothing of the service's environment
 _GRACE_S = 0.5  # jail set-up time on top of the program's wall limit (as for nsjail/bwrap)
 _BACKSTOP_S = 3.0  # the zygote's own kill past the wall limit, should the host never kill the run
+# Each execution runs as a host uid/gid of its own (65534 inside its user namespace), so that no other
+# process on the host shares the uid that may signal, trace or read it. Taken in turn from a range no
+# account uses (above the usual subordinate-id ranges of rootless containers); a random start makes two
+# services on one host unlikely to meet, and one service would need 2**16 executions in flight to hand
+# out an id twice.
+_RUN_ID_BASE, _RUN_ID_SPAN = 1 << 30, 1 << 16
+_run_ids = itertools.count(secrets.randbelow(_RUN_ID_SPAN))
+_run_ids_lock = threading.Lock()
+
+
+def _next_run_id() -> int:
+    with _run_ids_lock:
+        return _RUN_ID_BASE + next(_run_ids) % _RUN_ID_SPAN
 
 
 class Zygote:
@@ -157,6 +173,9 @@ class ZygoteSandbox(BaseSandbox):
         limits = request.limits
         root = work.parent / "root"
         root.mkdir(mode=0o700)
+        host_id = _next_run_id()
+        for path in [work, *work.rglob("*")]:
+            os.chown(path, host_id, host_id, follow_symlinks=False)
         spec = {
             "argv": list(request.argv),
             "env": env,
@@ -164,8 +183,8 @@ class ZygoteSandbox(BaseSandbox):
             "root": str(root),
             "hostname": "sandbox",
             "cgroup_procs": list(cgroup.procs_files()),
-            "uid": self.uid,
-            "gid": self.gid,
+            "uid": self.uid,  # inside the run's user namespace (65534)
+            "host_uid": host_id,  # outside it, uid and gid
             "rlimits": rlimits_for(limits, address_space=True, nproc=False),
             "nproc": limits.pids,  # counted in the execution's own user namespace
         }
