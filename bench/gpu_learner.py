@@ -70,7 +70,7 @@ def _install_logprob_path(kind: str) -> str:
 
     if kind == "chunked":
         engine_mod.response_logprobs = logprobs.response_logprobs
-        return "chunked (1024-token chunks, recomputed in backward)"
+        return "the learner's default (FusedLinearLogprob: logits never kept, recomputed per vocab slice)"
     fused = _fused_logprobs() if kind == "fused" else None
     if kind == "fused" and fused is None:
         raise RuntimeError("no fused kernel importable: carry liger-kernel or cut-cross-entropy")

@@ -1,11 +1,17 @@
-"""Peak memory (and time) of the learner's token log-prob computation: the chunked path of
+"""Peak memory (and time) of the learner's token log-prob computation: the paths of
 ``services/learner/logprobs.py`` against a naive one that materialises the full fp32 logits.
 
 Issue 8, system costs: vocab 151,936 (Qwen2/3) and 2,048 response tokens, forward + backward. The model
 is a stand-in whose only large part is the real vocab projection (an embedding and one linear layer feed
-``lm_head``), so the figure isolates what the two paths differ in. Each measurement runs in a fresh
+``lm_head``), so the figure isolates what the paths differ in. Each measurement runs in a fresh
 process: the peak resident set (VmHWM, reset through /proc/self/clear_refs after set-up) is what the
 log-prob computation and its backward added. CPU only here; the GPU script measures CUDA memory.
+
+Paths: ``naive`` (full fp32 logits, autograd); ``checkpointed-N`` (the head called per N-token chunk under
+activation checkpointing, the ZeRO-3 path); ``fused-N`` (the learner's default, ``FusedLinearLogprob``:
+logits recomputed in the backward by vocab slices, the head's weight gradient written in place). The
+floor of any path is the head's weight gradient (vocab x hidden x 4 B) plus one chunk of fp32 logits
+(N x vocab x 4 B), reported next to each run.
 
     python bench/logprob_memory.py [--tokens 2048] [--vocab 151936] [--hidden 896]
 
@@ -22,9 +28,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import REPO, write_result
+from common import REPO, write_result  # bench/common.py (puts the repository on sys.path)
 
-MODES = ("naive", "chunked-1024", "chunked-256")
+from services.learner.logprobs import DEFAULT_CHUNK_TOKENS
+
+MODES = ("naive", "checkpointed-1024", "checkpointed-256", f"fused-{DEFAULT_CHUNK_TOKENS}", "fused-1024")
 
 
 def _peak_kib() -> int:
@@ -38,7 +46,7 @@ def _measure(mode: str, tokens: int, vocab: int, hidden: int) -> dict:
     """One mode in this process: set up, reset the peak, forward + backward, read the peak."""
     import torch
 
-    from services.learner.logprobs import response_logprobs
+    from services.learner.logprobs import checkpointed_logprobs, response_logprobs, response_rows
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -73,11 +81,15 @@ def _measure(mode: str, tokens: int, vocab: int, hidden: int) -> dict:
             logits = model.lm_head(h[:, :-1]).float()  # (1, T, V) fp32: every position's full logits
             logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         else:
+            path, chunk = mode.split("-")[0], int(mode.split("-")[1])
             positions = torch.arange(1, n + 1).unsqueeze(0)
             mask = torch.ones_like(positions, dtype=torch.bool)
             ones = torch.ones_like(input_ids)
-            chunk = int(mode.split("-")[1])
-            logp, _ = response_logprobs(model, input_ids, ones, positions, mask, chunk_tokens=chunk)
+            if path == "fused":  # the learner's entry point, as the engine calls it
+                logp, _ = response_logprobs(model, input_ids, ones, positions, mask, chunk_tokens=chunk)
+            else:
+                _, flat_h, flat_y = response_rows(model, input_ids, ones, positions, mask)
+                logp, _ = checkpointed_logprobs(flat_h, flat_y, model.lm_head, chunk_tokens=chunk)
         logp.sum().backward()
         return logp
 
@@ -87,13 +99,14 @@ def _measure(mode: str, tokens: int, vocab: int, hidden: int) -> dict:
     torch.manual_seed(1)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = _peak_kib()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     logp = step(tokens)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     return {
         "mode": mode,
         "peak_added_mib": round((_peak_kib() - base) / 1024, 1),
         "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),  # all threads: less sensitive than wall time to a busy host
         "logp_sum": float(logp.detach().sum()),
     }
 
@@ -116,9 +129,18 @@ def main() -> None:
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(runs[-1])
     naive = runs[0]
+    head_grad_mib = args.vocab * args.hidden * 4 / 2**20  # the head's fp32 weight gradient
+
+    def floor_mib(mode: str) -> float:  # the weight gradient + one chunk of fp32 logits
+        chunk = min(int(mode.split("-")[1]), args.tokens) if "-" in mode else args.tokens
+        return head_grad_mib + chunk * args.vocab * 4 / 2**20
+
     for r in runs:
         r["memory_vs_naive"] = round(r["peak_added_mib"] / naive["peak_added_mib"], 3)
         r["time_vs_naive"] = round(r["seconds"] / naive["seconds"], 3)
+        r["cpu_time_vs_naive"] = round(r["cpu_seconds"] / naive["cpu_seconds"], 3)
+        r["floor_mib"] = round(floor_mib(r["mode"]), 1)
+        r["floor_vs_naive"] = round(floor_mib(r["mode"]) / naive["peak_added_mib"], 3)
         # Same maths: the sums of log-probs agree to float32 rounding.
         assert abs(r["logp_sum"] - naive["logp_sum"]) <= 1e-4 * abs(naive["logp_sum"]), (r, naive)
     logits_mib = args.tokens * args.vocab * 4 / 2**20
@@ -130,6 +152,8 @@ def main() -> None:
             "hidden": args.hidden,
             "device": "cpu",
             "fp32_logits_mib": round(logits_mib, 1),
+            "head_weight_grad_mib": round(head_grad_mib, 1),
+            "default_chunk_tokens": DEFAULT_CHUNK_TOKENS,
             "runs": runs,
         },
     )

@@ -13,6 +13,8 @@ Every rank receives the whole batch and takes its own share deterministically, s
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import math
 import os
@@ -25,13 +27,12 @@ import torch
 
 from services.common.config import LearnerConfig
 from services.common.messages import ResponseGroup
+from services.common.weights import torch_dtype
 from services.learner.batch import PackedBatch, pack_groups
 from services.learner.logprobs import response_logprobs
 from services.learner.objectives import LossInputs, ObjectiveConfig, policy_loss
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,45 @@ def init_distributed(info: RankInfo) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def flush_denormals(enabled: bool = True) -> bool:
+    """Treat subnormal floats as zero (x86 FTZ/DAZ) on this thread and its intra-op OpenMP threads
+    (``enabled=False`` restores IEEE behaviour, for a benchmark's comparison).
+
+    With a large ``|s_t|`` the listwise weights underflow far below 1e-38; CPU arithmetic on subnormals
+    is orders of magnitude slower, and the backward spreads them over every token's gradient. Flushing
+    changes only values that would have been subnormal. ``torch.set_flush_denormal`` sets the calling
+    thread's flags only, and the OpenMP workers, started by earlier ops, keep their own: so it is run
+    once inside each of them too. Returns whether every thread was reached.
+    """
+    runtime = _openmp_runtime()
+    if not torch.set_flush_denormal(enabled) or runtime is None:
+        return False
+    callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: torch.set_flush_denormal(enabled))
+    parallel = ctypes.CDLL(runtime).GOMP_parallel  # libgomp's ABI, also exported by Intel's libiomp5
+    parallel.argtypes = [type(callback), ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    parallel(callback, None, torch.get_num_threads(), 0)
+    return True
+
+
+@functools.cache
+def _openmp_runtime() -> str | None:
+    """Path of the OpenMP runtime torch's intra-op threads run on (Linux), torch's own copy first."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        maps = []
+    paths = {fields[5] for fields in (line.split() for line in maps) if len(fields) >= 6}
+    found = sorted(
+        (p for p in paths if Path(p).name.startswith(("libgomp", "libiomp5"))),
+        key=lambda p: not p.startswith(str(Path(torch.__file__).parent)),
+    )
+    if not torch.set_flush_denormal(True):
+        logger.warning("this CPU cannot flush subnormal floats: a learner step may slow down on them")
+    elif not found:
+        logger.warning("no OpenMP runtime mapped: subnormals are flushed on the calling thread only")
+    return found[0] if found else None
+
+
 def deepspeed_config(cfg: LearnerConfig, dtype: str) -> dict:
     """Gradient accumulation is driven by hand (boundaries set per micro-batch), so GAS stays 1."""
     return {
@@ -77,8 +117,8 @@ class ResponseLogprobModel(torch.nn.Module):
     """The policy as DeepSpeed sees it: ``forward`` returns response-token log-probs (never full logits).
 
     Every forward goes through ``DeepSpeedEngine.forward``, as DeepSpeed requires: ZeRO-2/3 do per-forward
-    bookkeeping there (ZeRO-3 advances its gradient-accumulation micro-step; called around it, a second
-    micro-batch *overwrote* the first one's gradients instead of adding to them).
+    bookkeeping there (ZeRO-3 advances its gradient-accumulation micro-step there; without it a second
+    micro-batch's gradients replace the first one's instead of adding to them).
     """
 
     def __init__(self, policy: torch.nn.Module, chunk_tokens: int, temperature: float) -> None:
@@ -122,6 +162,7 @@ class LearnerEngine:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
+        flush_denormals()
         init_distributed(info)
         torch.manual_seed(cfg.seed)
         self.cfg, self.info, self.model_dir = cfg, info, model_dir
@@ -139,7 +180,7 @@ class LearnerEngine:
         # ZeRO-3 partitions the parameters in deepspeed.initialize. Loading inside zero.Init instead
         # (what a model too big for one host's RAM needs) goes through transformers' HfDeepSpeedConfig,
         # which requires `accelerate`; not needed at the sizes this runs on CPU.
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
         model.config.use_cache = False
         self.pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
         # A torch optimizer (not DeepSpeed's fused/CPU Adam) avoids JIT-building C++ ops at start-up.
@@ -180,6 +221,7 @@ class LearnerEngine:
     def train_step(self, groups: Sequence[ResponseGroup]) -> dict[str, float]:
         """One rollout batch -> ``updates_per_batch`` optimizer updates -> version + 1."""
         t0 = time.perf_counter()
+        flush_denormals()  # per step: the flags are per thread, and a caller may step from another one
         self.engine.train()
         full = pack_groups(groups, self.pad_id)
         plan = self._shards(full.num_groups)
