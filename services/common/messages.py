@@ -100,10 +100,10 @@ class RolloutTask:
         _set(self, "prompt_token_ids", _frozen_array(self.prompt_token_ids, np.int32, "prompt_token_ids"))
         if self.prompt_token_ids.size == 0:
             raise ValueError(f"task {self.task_id}: prompt_token_ids is empty")
-        if self.group_size < 2:
-            raise ValueError(
-                f"task {self.task_id}: group_size must be >= 2 (LPO needs a list), got {self.group_size}"
-            )
+        # >= 1, not 2: an evaluation task may ask for one sample; training groups get K >= 2 from
+        # coordinator.group_size, and the objectives refuse a group of one.
+        if self.group_size < 1:
+            raise ValueError(f"task {self.task_id}: group_size must be >= 1, got {self.group_size}")
         if self.admit_version < 0:
             raise ValueError(f"task {self.task_id}: admit_version must be >= 0, got {self.admit_version}")
         _set(self, "reference", {str(k): _freeze(v) for k, v in dict(self.reference).items()})

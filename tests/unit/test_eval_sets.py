@@ -135,3 +135,14 @@ def test_split_keeps_order_and_sizes() -> None:
     assert split([], 2) == []
     with pytest.raises(ValueError):
         split([1], 0)
+
+
+def test_one_sample_per_problem_is_an_evaluation_task() -> None:
+    # coordinator.eval_samples may be 1 (expected Pass@1 from one sample); training groups keep K >= 2.
+    cfg = build_config({}, ["coordinator.eval_samples=1", "coordinator.eval_k=1"])
+    (s,) = eval_sets(cfg)
+    (task,) = eval_tasks(cfg, EvalSet(s.name, s.problems[:1], 1), [[1, 2]], step=0, version=0)
+    out = summarize([_group(task, 1, 1)], reported_ks(1))
+    assert out["pass_at"] == {"1": 1.0} and task.group_size == 1
+    with pytest.raises(ConfigError, match="coordinator.group_size"):
+        build_config({}, ["coordinator.group_size=1"])

@@ -83,7 +83,7 @@ def test_arrays_are_read_only() -> None:
         (lambda: m.ResponseGroup(_task(3), _group(3).rollouts, -1, SHA), "behavior_version"),
         (lambda: _group(scored=False).with_rewards((1.0,), ("pass",)), "one entry per rollout"),
         (lambda: m.RolloutTask("t", [], "", "countdown", {}, 4), "empty"),
-        (lambda: m.RolloutTask("t", [1], "", "countdown", {}, 1), "group_size"),
+        (lambda: m.RolloutTask("t", [1], "", "countdown", {}, 0), "group_size must be >= 1"),
         (lambda: m.SamplingParams(temperature=0.0), "temperature"),
         (
             lambda: m.WeightSnapshot(1, (m.TensorEntry("w", "float32", (2,), 4, 8),), 8, SHA, "redis", "k"),
