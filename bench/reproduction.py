@@ -149,6 +149,12 @@ def main() -> None:
         if previous["steps"] != args.steps:
             raise SystemExit(f"{out} holds {previous['steps']}-step runs, not {args.steps}")
         runs = previous["runs"]
+        commits = {r.get("commit") for r in runs}
+        if commits != {_commit()}:
+            raise SystemExit(
+                f"{out} holds runs of commit(s) {sorted(map(str, commits))}, this checkout is {_commit()}: "
+                "paired runs must share the code; resume from that commit or start the study afresh"
+            )
     plan = settings(args)
     done = {(r["setting"], r["seed"]) for r in runs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,6 +192,7 @@ def _run(setting: str, overrides: list[str], seed: int, args: argparse.Namespace
     return {
         "setting": setting,
         "seed": seed,
+        "commit": _commit(),
         "wall_s": round(time.time() - started, 1),
         "curves": curves,
         "correct_first_last": correct,
@@ -194,6 +201,19 @@ def _run(setting: str, overrides: list[str], seed: int, args: argparse.Namespace
         "lost": summary["lost"],
         "duplicates": summary["duplicates"],
     }
+
+
+def _commit() -> str:
+    """The code a run used: paired runs must come from the same commit (a float-level change of the learner
+    grows into a different trajectory, which breaks the common random numbers)."""
+    import subprocess
+
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=RESULTS.parent.parent, capture_output=True, text=True
+    )
+    dirty = subprocess.run(["git", "status", "--porcelain", "services"], cwd=RESULTS.parent.parent,
+                           capture_output=True, text=True)  # fmt: skip
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 # ---------------------------------------------------------------------------------------------- analysis
