@@ -152,8 +152,8 @@ def main() -> None:
         commits = {r.get("commit") for r in runs}
         if commits != {_commit()}:
             raise SystemExit(
-                f"{out} holds runs of commit(s) {sorted(map(str, commits))}, this checkout is {_commit()}: "
-                "paired runs must share the code; resume from that commit or start the study afresh"
+                f"{out} holds runs of code {sorted(map(str, commits))}, this checkout's is {_commit()}: paired "
+                "runs must share the code; resume from a commit with that code or start the study afresh"
             )
     plan = settings(args)
     done = {(r["setting"], r["seed"]) for r in runs}
@@ -204,16 +204,20 @@ def _run(setting: str, overrides: list[str], seed: int, args: argparse.Namespace
 
 
 def _commit() -> str:
-    """The code a run used: paired runs must come from the same commit (a float-level change of the learner
-    grows into a different trajectory, which breaks the common random numbers)."""
+    """The code a run used: git's tree hashes of everything a run executes or loads (services, the base
+    config, the shipped model). Paired runs must share it (a float-level change of the learner grows into a
+    different trajectory, which breaks the common random numbers); a commit that changes only docs or
+    benches keeps it."""
     import subprocess
 
-    head = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=RESULTS.parent.parent, capture_output=True, text=True
-    )
-    dirty = subprocess.run(["git", "status", "--porcelain", "services"], cwd=RESULTS.parent.parent,
+    repo = RESULTS.parent.parent
+    parts = []
+    for path in ("services", "configs/countdown-tiny.yaml", "models"):
+        tree = subprocess.run(["git", "rev-parse", f"HEAD:{path}"], cwd=repo, capture_output=True, text=True)
+        parts.append(tree.stdout.strip()[:12])
+    dirty = subprocess.run(["git", "status", "--porcelain", "services", "configs", "models"], cwd=repo,
                            capture_output=True, text=True)  # fmt: skip
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    return "-".join(parts) + ("+dirty" if dirty.stdout.strip() else "")
 
 
 # ---------------------------------------------------------------------------------------------- analysis
