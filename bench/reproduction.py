@@ -152,8 +152,8 @@ def main() -> None:
         commits = {r.get("commit") for r in runs}
         if commits != {_commit()}:
             raise SystemExit(
-                f"{out} holds runs of code {sorted(map(str, commits))}, this checkout's is {_commit()}: paired "
-                "runs must share the code; resume from a commit with that code or start the study afresh"
+                f"{out} holds runs of code {sorted(map(str, commits))}, this checkout's is {_commit()}: "
+                "paired runs must share the code; resume from a commit with that code or start afresh"
             )
     plan = settings(args)
     done = {(r["setting"], r["seed"]) for r in runs}
