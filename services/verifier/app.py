@@ -32,9 +32,7 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -58,6 +56,7 @@ from services.verifier.api_models import (
     VerifyRequest,
     VerifyResponse,
 )
+from services.verifier.docs_pages import docs_routes
 from services.verifier.rules import RULES, configure_rules, get_rule
 from services.verifier.sandbox.interface import ExecRequest, Limits, Sandbox
 from services.verifier.sandbox.probe import ProbeResult, describe, run_canary, select_sandbox
@@ -74,15 +73,6 @@ log = logging.getLogger(__name__)
 
 API_KEYS_ENV = "LPO_VERIFIER_API_KEYS"
 OPEN_PATHS = frozenset({"/healthz"})
-DOCS_ASSETS = "/docs-static"  # Swagger UI / ReDoc JS, CSS and favicon (behind the key like /docs)
-# The docs pages may load only what the service itself serves: ReDoc's sidebar logo (cdn.redoc.ly) and
-# Swagger UI's validator badge would otherwise reach out of an air-gapped cluster. Inline script and styles
-# are the pages' own bootstrap and the bundles' CSS-in-JS; ReDoc's search runs in a blob: worker.
-DOCS_CSP = (
-    "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-    "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
-    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
 # Where AuthMiddleware records the caller's task owner in the ASGI scope (as Starlette's scope["user"]).
 OWNER_SCOPE_KEY = "lpo_task_owner"
 _CANARY_MAX_AGE_S = 5.0
@@ -451,7 +441,7 @@ def create_app(
         version="1.0",
         summary="Scores RL rollouts (countdown, math, code, exact, regex) with sandboxed code execution.",
         lifespan=lifespan,
-        docs_url=None,  # FastAPI's pages load from a CDN: _docs_routes serves them from this service
+        docs_url=None,  # FastAPI's pages load from a CDN: docs_routes serves them from this service
         redoc_url=None,
     )
 
@@ -461,7 +451,7 @@ def create_app(
         return holder["service"]
 
     _routes(app, service)
-    _docs_routes(app)
+    docs_routes(app)
 
     def rejected(code: str) -> None:
         if "service" in holder:
@@ -521,44 +511,6 @@ def _routes(app: FastAPI, service: Callable[[], VerifierService]) -> None:
     async def metrics() -> Response:
         """Prometheus text format."""
         return Response(generate_latest(service().metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-def _docs_routes(app: FastAPI) -> None:
-    """``/docs`` (Swagger UI) and ``/redoc`` with their JS, CSS and favicon from the installed
-    ``fastapi-offline`` package, so they render with no network; ``DOCS_CSP`` keeps them on the service."""
-    app.mount(DOCS_ASSETS, StaticFiles(packages=[("fastapi_offline", "static")]), name="docs-static")
-
-    def assets(request: Request) -> tuple[str, str]:
-        root = request.scope.get("root_path", "")  # behind a path prefix (Ray Serve, a proxy)
-        return f"{root}{app.openapi_url}", f"{root}{DOCS_ASSETS}"
-
-    @app.get("/docs", include_in_schema=False)
-    async def swagger_ui(request: Request) -> HTMLResponse:
-        spec, static = assets(request)
-        page = get_swagger_ui_html(
-            openapi_url=spec,
-            title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{static}/swagger-ui-bundle.js",
-            swagger_css_url=f"{static}/swagger-ui.css",
-            swagger_favicon_url=f"{static}/favicon.png",
-            oauth2_redirect_url=None,
-            swagger_ui_parameters={"validatorUrl": None},  # no badge from validator.swagger.io
-        )
-        page.headers["Content-Security-Policy"] = DOCS_CSP
-        return page
-
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc(request: Request) -> HTMLResponse:
-        spec, static = assets(request)
-        page = get_redoc_html(
-            openapi_url=spec,
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{static}/redoc.standalone.js",
-            redoc_favicon_url=f"{static}/favicon.png",
-            with_google_fonts=False,
-        )
-        page.headers["Content-Security-Policy"] = DOCS_CSP
-        return page
 
 
 def _task_routes(app: FastAPI, service: Callable[[], VerifierService]) -> None:

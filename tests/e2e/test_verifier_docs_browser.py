@@ -25,7 +25,8 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 from services.common.redis_server import free_port
-from services.verifier.app import API_KEYS_ENV, DOCS_CSP
+from services.verifier.app import API_KEYS_ENV
+from services.verifier.docs_pages import DOCS_CSP
 
 REPO = Path(__file__).resolve().parents[2]
 # Not 127.0.0.1: Swagger UI skips its (external) validator badge only for localhost and 127.0.0.1, so a
