@@ -203,20 +203,24 @@ def _run(setting: str, overrides: list[str], seed: int, args: argparse.Namespace
     }
 
 
+# Everything a Countdown training run executes or loads (the verifier's REST app and sandboxes are not).
+CODE = ("services/common", "services/coordinator", "services/generator", "services/learner",
+        "services/verifier/rules", "services/verifier/scoring.py", "services/verifier/worker.py",
+        "configs/countdown-tiny.yaml", "models")  # fmt: skip
+
+
 def _commit() -> str:
-    """The code a run used: git's tree hashes of everything a run executes or loads (services, the base
-    config, the shipped model). Paired runs must share it (a float-level change of the learner grows into a
-    different trajectory, which breaks the common random numbers); a commit that changes only docs or
-    benches keeps it."""
+    """The code a run used: git's hashes of everything a run executes or loads (``CODE``). Paired runs must
+    share it (a float-level change of the learner grows into a different trajectory, which breaks the
+    common random numbers); a commit that changes only docs, benches or the verifier service keeps it."""
     import subprocess
 
     repo = RESULTS.parent.parent
     parts = []
-    for path in ("services", "configs/countdown-tiny.yaml", "models"):
+    for path in CODE:
         tree = subprocess.run(["git", "rev-parse", f"HEAD:{path}"], cwd=repo, capture_output=True, text=True)
         parts.append(tree.stdout.strip()[:12])
-    dirty = subprocess.run(["git", "status", "--porcelain", "services", "configs", "models"], cwd=repo,
-                           capture_output=True, text=True)  # fmt: skip
+    dirty = subprocess.run(["git", "status", "--porcelain", *CODE], cwd=repo, capture_output=True, text=True)
     return "-".join(parts) + ("+dirty" if dirty.stdout.strip() else "")
 
 
