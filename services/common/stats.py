@@ -28,9 +28,14 @@ class GeneratorStats:
 @dataclass
 class VerifierStats:
     """A verifier worker's counters: scored groups and responses, passing responses, groups it could not
-    score (rejected to the dead-letter stream)."""
+        score (rejected to the dead-letter stream), seconds spent scoring (for code: running the programs in
+        the sandbox), responses by verdict status, and programs that ran (passed, failed or timed out) in each
+    sandbox backend (code only)."""
 
     groups: int = 0
     passed: int = 0
     responses: int = 0
     rejected: int = 0
+    busy_s: float = 0.0
+    statuses: dict[str, int] = field(default_factory=dict)
+    sandboxed: dict[str, int] = field(default_factory=dict)

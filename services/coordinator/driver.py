@@ -65,7 +65,7 @@ class Coordinator:
         )
         self.version, self.published_bytes = 0, 0  # the latest snapshot's
         self.evals: list[dict[str, Any]] = []
-        self._gen_idle: dict[int, float] = {}  # each generator's cumulative idle seconds at the last record
+        self._seen: dict[tuple[str, int], float] = {}  # actor counters' cumulative seconds at the last record
         self.resumed = Resumed()
         if resume:
             self.resumed = restore(
@@ -174,7 +174,7 @@ class Coordinator:
     def record(self, step: int, batch: StepBatch, metrics: Any, phases: dict[str, float]) -> StepRecord:
         queue = records.queue_depths(self.queue, len(self.collector.buffer))
         record = records.step_record(
-            step, self.version, batch, metrics, phases, self.intake, queue, self.generator_idle()
+            step, self.version, batch, metrics, phases, self.intake, queue, self.actor_seconds()
         )
         records.log_step(self.rundir, self.exporter, record, self.published_bytes)
         return record
@@ -223,28 +223,43 @@ class Coordinator:
         logger.info("eval step %d (%.0fs): %s", step, record["eval_s"], eval_line(record))
         return record
 
-    def generator_idle(self) -> float:
-        """Seconds the generators spent waiting (for tasks or weights) since the previous step. A generator
-        that does not answer within 5 s (restarting) is left out; a restarted one counts from 0 again."""
+    def actor_seconds(self) -> dict[str, float]:
+        """Seconds the actors spent since the previous step, summed per kind: generators waiting for tasks
+        or weights (``generator_idle``) and sampling (``generate``), verifier workers scoring (``verify``;
+        for code, running the programs in the sandbox). An actor that does not answer within 5 s
+        (restarting) is left out; a restarted one counts from 0 again."""
         from services.coordinator.runtime import poll_stats
 
-        delta = 0.0
-        for i, (_, stats) in enumerate(poll_stats(self.rt.generators, timeout_s=5.0)):
+        out = {"generator_idle": 0.0, "generate": 0.0, "verify": 0.0}
+        polled = [
+            *(("generator", i, s) for i, (_, s) in enumerate(poll_stats(self.rt.generators, timeout_s=5.0))),
+            *(("verifier", i, s) for i, (_, s) in enumerate(poll_stats(self.rt.verifiers, timeout_s=5.0))),
+        ]
+        counters = {
+            "generator": {"generator_idle": "idle_s", "generate": "busy_s"},
+            "verifier": {"verify": "busy_s"},
+        }
+        for kind, i, stats in polled:
             if stats is None:
                 continue
-            before = self._gen_idle.get(i, 0.0)
-            delta += stats.idle_s - before if stats.idle_s >= before else stats.idle_s
-            self._gen_idle[i] = stats.idle_s
-        return round(delta, 4)
+            for key, attr in counters[kind].items():
+                now, before = getattr(stats, attr), self._seen.get((key, i), 0.0)
+                out[key] += now - before if now >= before else now
+                self._seen[(key, i)] = now
+        return {k: round(v, 4) for k, v in out.items()}
 
     def finish(self, wall_s: float) -> dict[str, Any]:
         import ray
 
+        from services.coordinator.runtime import poll_stats
+
         ray.get([g.stop.remote() for g in self.rt.generators + self.rt.verifiers])
+        verifiers = [s for _, s in poll_stats(self.rt.verifiers, timeout_s=5.0) if s is not None]
         self.rt.learner.save_hf(str(self.rundir.checkpoints / f"step-{self.cfg.coordinator.steps}"))
         return records.summary(
             self.ledger, self.rundir, self.intake, self.evals, steps=self.cfg.coordinator.steps,
             version=self.version, wall_s=wall_s, loop_seconds=self.loop_seconds,
+            verifier=records.verifier_totals(verifiers),
         )  # fmt: skip
 
 

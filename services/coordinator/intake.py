@@ -3,8 +3,10 @@ runs it as it hands groups to the learner).
 
 A group is trained only if the policy that sampled it is one the learner published (version in the
 snapshot history *and* the same sha256: behaviour tracking is verified, not assumed), its lag is
-within ``max_policy_lag``, and its id was never trained in this run. Anything else is dropped,
-counted by reason and logged — never trained silently.
+within ``max_policy_lag``, its id was never trained in this run, and every response was scored (a
+``sandbox_error`` verdict means the sandbox failed, not the program: its 0 is not a reward, and LPO's
+listwise target needs all K rewards of the group). Anything else is dropped, counted by reason and
+logged — never trained silently — and its task replaced.
 
 After a resume the history is the resumed lineage's; ``earlier`` holds every ``(version, sha256)`` the
 learner published before (read from the ledger). A group sampled by such a snapshot is a real policy of
@@ -23,7 +25,7 @@ from services.common.messages import ResponseGroup
 
 logger = logging.getLogger(__name__)
 
-DROP_REASONS = ("stale", "duplicate", "unknown_version", "hash_mismatch", "rolled_back")
+DROP_REASONS = ("stale", "duplicate", "unknown_version", "hash_mismatch", "rolled_back", "sandbox_error")
 _LENGTH_BIN = 8  # tokens per bucket of the response-length histograms
 
 
@@ -72,6 +74,8 @@ class GroupIntake:
         """None if the group may be trained at ``learner_version``, else the drop reason."""
         if group.group_id in self.trained:
             return "duplicate"
+        if "sandbox_error" in (group.verdicts or ()):
+            return "sandbox_error"
         known = self.history.get(group.behavior_version)
         if known != group.behavior_sha256:
             if (group.behavior_version, group.behavior_sha256) in self.earlier:
@@ -87,7 +91,8 @@ class GroupIntake:
 
     def drop(self, group: ResponseGroup, reason: str, learner_version: int) -> None:
         self.drops.add(group, reason)
-        log = logger.error if reason in ("unknown_version", "hash_mismatch") else logger.warning
+        alarming = reason in ("unknown_version", "hash_mismatch", "sandbox_error")
+        log = logger.error if alarming else logger.warning
         log(
             "dropped group %s: %s (behaviour v%d sha %s, learner v%d)",
             group.group_id,

@@ -14,6 +14,7 @@ from typing import Any
 from services.common.ledger import RunLedger
 from services.common.messages import LearnerStepMetrics
 from services.common.queue import StreamQueue
+from services.common.stats import VerifierStats
 from services.coordinator.collect import StepBatch
 from services.coordinator.intake import GroupIntake, length_histogram
 from services.coordinator.rundir import RunDir
@@ -52,6 +53,10 @@ class StepRecord:
     queue: dict[str, int]
     generator_idle_s: float
     learner_idle_s: float
+    generate_s: float
+    """Generator seconds spent sampling since the previous step (summed over generators)."""
+    verify_s: float
+    """Verifier seconds spent scoring since the previous step (summed over workers; code: sandbox runs)."""
     phase_s: dict[str, float]
     step_s: float
     learner: LearnerStepMetrics = field(default_factory=LearnerStepMetrics)
@@ -69,7 +74,7 @@ def step_record(
     phases: dict[str, float],
     intake: GroupIntake,
     queue: dict[str, int],
-    generator_idle_s: float,
+    actor_s: dict[str, float],
 ) -> StepRecord:
     rewards = [r for g in batch.groups for r in (g.rewards or ())]
     lengths = [r.token_ids.size for g in batch.groups for r in g.rollouts]
@@ -86,7 +91,9 @@ def step_record(
         dropped_length_histogram={str(k): v for k, v in sorted(drops.length_hist.items())},
         dropped_reward_histogram={str(k): v for k, v in sorted(drops.reward_hist.items())},
         queue=queue,
-        generator_idle_s=generator_idle_s,
+        generator_idle_s=actor_s["generator_idle"],
+        generate_s=actor_s["generate"],
+        verify_s=actor_s["verify"],
         learner_idle_s=round(phases.get("collect", 0.0), 4),
         phase_s={k: round(v, 4) for k, v in phases.items()},
         step_s=round(sum(phases.values()), 4),
@@ -110,9 +117,26 @@ def queue_depths(queue: StreamQueue, buffered: int) -> dict[str, int]:
     return out
 
 
+def verifier_totals(stats: list[VerifierStats]) -> dict[str, Any]:
+    """The verifier workers' counters summed: responses scored, by verdict status, programs that ran in
+    each sandbox backend (code), seconds spent scoring (this process's workers; a restarted one from 0)."""
+    statuses: Counter[str] = Counter()
+    sandboxed: Counter[str] = Counter()
+    for s in stats:
+        statuses.update(s.statuses)
+        sandboxed.update(s.sandboxed)
+    return {
+        "workers": len(stats),
+        "responses": sum(s.responses for s in stats),
+        "by_status": dict(sorted(statuses.items())),
+        "sandboxed": dict(sorted(sandboxed.items())),
+        "busy_seconds": round(sum(s.busy_s for s in stats), 2),
+    }
+
+
 def summary(
     ledger: RunLedger, rundir: RunDir, intake: GroupIntake, evals: list[dict[str, Any]], *, steps: int,
-    version: int, wall_s: float, loop_seconds: float,
+    version: int, wall_s: float, loop_seconds: float, verifier: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """``summary.json`` (and ``ledger.json``: what became of every admitted task)."""
 
@@ -138,6 +162,7 @@ def summary(
         "final_sha256": intake.history[version],
         "initial_eval": brief(evals[0]),
         "final_eval": brief(evals[-1]),
+        "verifier": verifier or {},
     }
     rundir.write_summary(out)
     rundir.plot_curves()

@@ -63,6 +63,8 @@ class StepExporter:
         m.observe("lpo_weights_publish_seconds", record.phase_s.get("publish", 0.0))
         m.inc("lpo_weights_published_bytes", published_bytes)
         m.inc("lpo_learner_idle_seconds", record.learner_idle_s)
+        m.set("lpo_step_stage_seconds", record.generate_s, stage="generate")
+        m.set("lpo_step_stage_seconds", record.verify_s, stage="verify")
         lags = [int(lag) for lag, n in record.lag_histogram.items() for _ in range(n)]
         for lag in lags:
             m.observe("lpo_policy_lag", lag)

@@ -9,7 +9,7 @@ from services.common.metrics import Metrics
 from services.common.queue import StreamQueue
 from services.common.stats import VerifierStats
 from services.verifier.rules.verdict import STATUSES
-from services.verifier.scoring import score_group
+from services.verifier.scoring import score_verdicts
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class VerifierWorker:
         self.stats = VerifierStats()
         self.metrics = metrics or Metrics(queue.run, enabled=False)
         self.metrics.zero("lpo_verifier_rejected_groups")
+        self.metrics.zero("lpo_verifier_busy_seconds", task=task_kind)
         for status in STATUSES:  # every verdict status has a series from the start
             self.metrics.zero("lpo_verifier_outcomes", task=task_kind, status=status)
 
@@ -44,17 +45,23 @@ class VerifierWorker:
         for entry in entries:
             started = time.perf_counter()
             try:
-                group = score_group(entry.message)
+                group, verdicts = score_verdicts(entry.message)
             except ValueError as exc:  # bad task data (unknown kind, bad reference): never reward 0
                 logger.error("cannot score group %s: %s", entry.message.group_id, exc)
                 self.queue.reject("rollouts", entry, f"scoring failed: {exc}")
                 self.stats.rejected += 1
                 self.metrics.inc("lpo_verifier_rejected_groups")
                 continue
-            kind = group.task.task_kind
-            self.metrics.observe("lpo_verifier_group_seconds", time.perf_counter() - started, task=kind)
-            for status in group.verdicts or ():
-                self.metrics.inc("lpo_verifier_outcomes", task=kind, status=status)
+            kind, seconds = group.task.task_kind, time.perf_counter() - started
+            self.metrics.observe("lpo_verifier_group_seconds", seconds, task=kind)
+            self.metrics.inc("lpo_verifier_busy_seconds", seconds, task=kind)
+            self.stats.busy_s += seconds
+            for v in verdicts:
+                self.metrics.inc("lpo_verifier_outcomes", task=kind, status=v.status)
+                self.stats.statuses[v.status] = self.stats.statuses.get(v.status, 0) + 1
+                backend = getattr(v, "isolation", None)  # code verdicts: the backend that ran the program
+                if backend and v.status in ("pass", "fail", "timeout"):  # the program ran
+                    self.stats.sandboxed[backend] = self.stats.sandboxed.get(backend, 0) + 1
             scored.append(group)
             done.append(entry.entry_id)
         self.queue.forward("rollouts", done, "groups", scored)

@@ -39,11 +39,23 @@ def test_admitted_tasks_are_never_trained_beyond_the_lag(p: int, lag: int, i: in
     assert policy_lag(i // p, v) <= lag
 
 
-def _group(gid: str, version: int, sha: str | None = None) -> ResponseGroup:
+def _group(
+    gid: str, version: int, sha: str | None = None, verdicts: tuple[str, str] = ("pass", "parse_error")
+) -> ResponseGroup:
     task = RolloutTask(gid, [1, 2], "p", "countdown", {"nums": [1, 2], "target": 3}, 2)
     rollouts = (Rollout([3, 4, 5], [-0.1, -0.2, -0.3], "stop"), Rollout([3], [-0.5], "length"))
     g = ResponseGroup(task, rollouts, version, sha or SHA[version])
-    return g.with_rewards((1.0, 0.0), ("pass", "parse_error"))
+    return g.with_rewards((1.0, 0.0), verdicts)
+
+
+def test_a_group_with_a_sandbox_failure_is_dropped_not_trained_with_reward_0() -> None:
+    intake = GroupIntake(max_policy_lag=0)
+    intake.record_snapshot(0, SHA[0])
+    assert intake.reason_to_drop(_group("a", 0, verdicts=("pass", "timeout")), learner_version=0) is None
+    failed = _group("b", 0, verdicts=("pass", "sandbox_error"))
+    assert intake.reason_to_drop(failed, learner_version=0) == "sandbox_error"
+    intake.drop(failed, "sandbox_error", 0)
+    assert intake.drops.by_reason == {"sandbox_error": 1}
 
 
 def test_intake_drop_reasons() -> None:
