@@ -1,8 +1,9 @@
 """One learner rank: a DeepSpeed engine around the HF policy, and the LPO iteration of Algorithm 1.
 
 Per rollout batch (``train_step``):
-  1. proximal pass — no-grad log-probs of every response under the weights at the start of the
-     iteration (``pi_t``), plus sampled-token entropy;
+  1. proximal pass — no-grad log-probs of the responses under the weights at the start of the
+     iteration (``pi_t``), plus sampled-token entropy, for every mini-batch but the first: the first
+     update's own forward runs at those weights, so it gives ``pi_t`` for its groups at no extra cost;
   2. ``updates_per_batch`` optimizer updates, one per mini-batch of groups; each mini-batch is
      split across ranks by whole groups and into micro-batches of ``micro_batch_groups``;
   3. the version counter moves to v+1 (the caller publishes the snapshot).
@@ -225,11 +226,12 @@ class LearnerEngine:
         self.engine.train()
         full = pack_groups(groups, self.pad_id)
         plan = self._shards(full.num_groups)
-        proximal, sums = self._proximal_pass(full, [i for _, own in plan for i in own])
+        proximal, sums = self._proximal_pass(full, [i for _, own in plan[1:] for i in own])
         t_prox = time.perf_counter()
         before = self._weights_copy() if self.cfg.log_update_norm else None
-        for minibatch, own in plan:
-            for key, value in self._update(full, minibatch, own, proximal).items():
+        for n, (minibatch, own) in enumerate(plan):
+            # the first update observes pi_t itself (into ``sums``): nothing has moved the weights yet
+            for key, value in self._update(full, minibatch, own, proximal, sums if n == 0 else None).items():
                 sums[key] = sums.get(key, 0.0) + value
         self.version += 1
         metrics = self._reduce(sums)
@@ -253,11 +255,10 @@ class LearnerEngine:
         return [p for p in self.engine.module.parameters() if p.requires_grad]
 
     def _proximal_pass(
-        self, full: PackedBatch, mine: list[int]
+        self, full: PackedBatch, groups: list[int]
     ) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
-        """``pi_t`` log-probs (no grad) of this rank's groups, before any update of this iteration, and
-        what they say about the behaviour policy: the train/inference mismatch on groups sampled by
-        the current version, and ``|s_t|`` on fresh vs stale groups."""
+        """``pi_t`` log-probs (no grad) of ``groups`` (this rank's), before any update of this iteration,
+        and what they say about the behaviour policy (``_observe``)."""
         proximal: dict[int, torch.Tensor] = {}
         sums = dict.fromkeys(
             ("entropy", "entropy_tokens", "mismatch_sum", "mismatch_tokens", "mismatch_max",
@@ -265,36 +266,58 @@ class LearnerEngine:
             0.0,
         )  # fmt: skip
         step = self.cfg.micro_batch_groups
-        for start in range(0, len(mine), step):  # micro-batches: one forward per chunk of groups
-            ids = mine[start : start + step]
+        for start in range(0, len(groups), step):  # micro-batches: one forward per chunk of groups
+            ids = groups[start : start + step]
             chunk = full.take(ids)
             logp_t, ent = self.logprobs(chunk, grad=False, with_entropy=True)
-            sums["entropy"] += float(ent[chunk.mask].sum())
-            sums["entropy_tokens"] += float(chunk.mask.sum())
-            k = full.group_size
-            for j, i in enumerate(ids):
-                rows = slice(j * k, (j + 1) * k)
-                proximal[i] = logp_t[rows]
-                mask, gap = chunk.mask[rows], (logp_t[rows] - chunk.logp_behavior[rows])
-                s_t = torch.where(mask, gap, 0.0).sum(-1).abs().mean()  # mean |s_t| over the K responses
-                if int(chunk.versions[j]) == self.version:
-                    tokens = gap[mask].abs()
-                    sums["mismatch_sum"] += float(tokens.sum())
-                    sums["mismatch_tokens"] += float(tokens.numel())
-                    sums["mismatch_max"] = max(
-                        sums["mismatch_max"], float(tokens.max()) if tokens.numel() else 0.0
-                    )
-                    sums["s_t_fresh"] += float(s_t)
-                    sums["fresh_groups"] += 1
-                else:
-                    sums["s_t_stale"] += float(s_t)
-                    sums["stale_groups"] += 1
+            self._observe(sums, proximal, chunk, ids, logp_t, ent)
         return proximal, sums
 
+    def _observe(
+        self,
+        sums: dict[str, float],
+        proximal: dict[int, torch.Tensor],
+        chunk: PackedBatch,
+        ids: list[int],
+        logp_t: torch.Tensor,
+        ent: torch.Tensor,
+    ) -> None:
+        """Keep ``pi_t``'s log-probs of groups ``ids`` (``chunk``) and add their sampled-token entropy, the
+        train/inference mismatch on groups sampled by the current version, and ``|s_t|`` on fresh vs
+        stale groups to ``sums``."""
+        sums["entropy"] += float(ent[chunk.mask].sum())
+        sums["entropy_tokens"] += float(chunk.mask.sum())
+        k = chunk.group_size
+        for j, i in enumerate(ids):
+            rows = slice(j * k, (j + 1) * k)
+            proximal[i] = logp_t[rows]
+            mask, gap = chunk.mask[rows], (logp_t[rows] - chunk.logp_behavior[rows])
+            s_t = torch.where(mask, gap, 0.0).sum(-1).abs().mean()  # mean |s_t| over the K responses
+            if int(chunk.versions[j]) == self.version:
+                tokens = gap[mask].abs()
+                sums["mismatch_sum"] += float(tokens.sum())
+                sums["mismatch_tokens"] += float(tokens.numel())
+                sums["mismatch_max"] = max(
+                    sums["mismatch_max"], float(tokens.max()) if tokens.numel() else 0.0
+                )
+                sums["s_t_fresh"] += float(s_t)
+                sums["fresh_groups"] += 1
+            else:
+                sums["s_t_stale"] += float(s_t)
+                sums["stale_groups"] += 1
+
     def _update(
-        self, full: PackedBatch, minibatch: list[int], own: list[int], proximal: dict[int, torch.Tensor]
+        self,
+        full: PackedBatch,
+        minibatch: list[int],
+        own: list[int],
+        proximal: dict[int, torch.Tensor],
+        observe: dict[str, float] | None = None,
     ) -> dict[str, float]:
-        """One optimizer update over ``minibatch``; this rank back-propagates its ``own`` groups."""
+        """One optimizer update over ``minibatch``; this rank back-propagates its ``own`` groups. With
+        ``observe`` (the first update, at ``pi_t``'s weights) the forward's detached log-probs are ``pi_t``'s:
+        they are kept in ``proximal`` and observed into ``observe`` instead of coming from a pass of
+        their own."""
         k = full.group_size
         global_groups = len(minibatch)
         global_tokens = int(full.take(minibatch).mask.sum())
@@ -307,7 +330,9 @@ class LearnerEngine:
             self.engine.set_gradient_accumulation_boundary(m == n_micro - 1)
             if ids:
                 batch = full.take(ids)
-                logp, _ = self.logprobs(batch, grad=True)
+                logp, ent = self.logprobs(batch, grad=True, with_entropy=observe is not None)
+                if observe is not None:
+                    self._observe(observe, proximal, batch, ids, logp.detach(), ent)
                 logp_t = torch.cat([proximal[i] for i in ids])
                 logp_b = logp_t if self.cfg.behavior_logprobs == "proximal" else batch.logp_behavior
                 shape = (len(ids), k, -1)
