@@ -30,7 +30,8 @@ class ModelConfig(_Section):
     """The policy to train."""
 
     path: str = "tiny:countdown"
-    """HF model directory or hub id; ``tiny:countdown`` builds (or reuses) the shipped tiny base model."""
+    """HF model directory or hub id; ``tiny:countdown`` / ``tiny:code`` build (or reuse) the shipped tiny
+    Countdown / code base model."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for learner and engine; CPU runs use float32 (bf16 only where the CPU supports it)."""
     max_model_len: int = Field(128, ge=16, le=131072)
@@ -94,6 +95,10 @@ class DataConfig(_Section):
     train_pool: int | None = Field(None, ge=1)
     """Keep only the first N training problems (after removing evaluation and SFT problems): a fixed pool
     that the run revisits epoch after epoch, as the paper's 2,000-problem Countdown subset. None: all."""
+    row_filter: dict[str, str | int | bool] = Field(default_factory=dict)
+    """Read only the rows whose fields equal these values, from every dataset file of the run (training
+    and evaluation): ``{ability: coding}`` keeps the code split of PRIME's mixed Eurus-2-RL-Data files.
+    Empty: every row."""
     prompt_template: Literal["plain", "r1"] = "plain"
     """``plain``: the short prompt (the tiny model's for Countdown); ``r1``: the R1-Zero conversation
     prompt of the public base-model recipes (services/common/data/problems.py)."""
@@ -425,13 +430,11 @@ class RunConfig(_Section):
                 f"coordinator.prompts_per_step ({self.coordinator.prompts_per_step}) must be >= "
                 f"learner.world_size ({self.learner.world_size}): groups are never split across ranks"
             )
-        if self.model.path == "tiny:countdown" and (self.data.task, self.data.prompt_template) != (
-            "countdown",
-            "plain",
-        ):
+        tiny_task = {"tiny:countdown": "countdown", "tiny:code": "code"}.get(self.model.path)
+        if tiny_task and (self.data.task, self.data.prompt_template) != (tiny_task, "plain"):
             raise ValueError(
-                "model.path 'tiny:countdown' only knows data.task 'countdown' with prompt_template 'plain'; "
-                f"got task {self.data.task!r}, prompt_template {self.data.prompt_template!r}"
+                f"model.path {self.model.path!r} only knows data.task {tiny_task!r} with prompt_template "
+                f"'plain'; got task {self.data.task!r}, prompt_template {self.data.prompt_template!r}"
             )
         return self
 

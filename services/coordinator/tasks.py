@@ -18,12 +18,12 @@ from services.coordinator.evaluation import EvalSet
 
 def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
     """Every problem of a dataset file (local or ``hf://datasets/...``) of the run's task."""
-    data = cfg.data
+    data, where = cfg.data, cfg.data.row_filter
     if data.task == "math":
-        return [math_problem(p, data.prompt_template) for p in load_math_problems(path)]
+        return [math_problem(p, data.prompt_template) for p in load_math_problems(path, where)]
     if data.task == "code":
-        return [code_problem(p, data.prompt_template) for p in load_code_problems(path)]
-    return [countdown_problem(p, data.prompt_template) for p in load_countdown_tasks(path)]
+        return [code_problem(p, data.prompt_template) for p in load_code_problems(path, where)]
+    return [countdown_problem(p, data.prompt_template) for p in load_countdown_tasks(path, where)]
 
 
 def eval_sets(cfg: RunConfig) -> list[EvalSet]:

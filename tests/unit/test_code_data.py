@@ -154,3 +154,34 @@ def test_a_code_run_config_loads_its_problems_as_tasks(tmp_path: Path) -> None:
     assert [p.prompt for p in training_problems(cfg, exclude=held.problems)] == [
         f"Print {i}." for i in range(2, 6)
     ]
+
+
+def test_row_filter_keeps_the_code_split_of_a_mixed_file(tmp_path: Path) -> None:
+    # PRIME's Eurus-2-RL-Data mixes math rows (a bare answer as ground truth) and coding rows in one file:
+    # data.row_filter reads only the coding rows, and errors still name the file's own row numbers.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from services.common.config import build_config
+    from services.coordinator.tasks import load_problems
+
+    truth = json.dumps({"inputs": ["2\n"], "outputs": ["4\n"]})
+    table = pa.table({
+        "prompt": [[{"role": "user", "content": c}] for c in ("1+1?", "Double it.", "2+2?", "Triple it.")],
+        "ability": ["math", "coding", "math", "coding"],
+        "reward_model": [{"ground_truth": g, "style": "rule"} for g in ("2", truth, "4", "not json")],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "mixed.parquet")
+    with pytest.raises(DatasetError, match=r"mixed.parquet: row 1: field 'reward_model.ground_truth'"):
+        load_code_problems(tmp_path / "mixed.parquet")  # unfiltered, the first math row is refused
+    with pytest.raises(DatasetError, match=r"mixed.parquet: row 4: field 'reward_model.ground_truth'"):
+        load_code_problems(tmp_path / "mixed.parquet", {"ability": "coding"})
+    _write(tmp_path / "m.jsonl", [{"ability": "math", "prompt": "x", "tests": [{"assert": "assert 1"}]}])
+    with pytest.raises(DatasetError, match=r"no rows matching data.row_filter \{'ability': 'coding'\}"):
+        load_code_problems(tmp_path / "m.jsonl", {"ability": "coding"})
+    table = table.slice(0, 2)
+    pq.write_table(table, tmp_path / "ok.parquet")
+    path = tmp_path / "ok.parquet"
+    overrides = ["data.task=code", f"data.train_path={path}", f"data.eval_path={path}", "model.path=/m"]
+    cfg = build_config({}, [*overrides, "data.row_filter={ability: coding}"])
+    assert [p.prompt for p in load_problems(cfg, str(path))] == ["Double it."]

@@ -51,12 +51,16 @@ def test_loader_reads_parquet(tmp_path: Path) -> None:
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({"problem": ["a?", "b?"], "solution": [r"\boxed{1}", r"\boxed{2}"]}), path)
     assert [p.answer for p in load_math_problems(path)] == ["1", "2"]
+    # Minerva-style mirrors call the problem `question`
+    pq.write_table(pa.table({"question": ["c?"], "answer": ["3"]}), path)
+    assert [(p.problem, p.answer) for p in load_math_problems(path)] == [("c?", "3")]
 
 
 @pytest.mark.parametrize(
     ("row", "message"),
     [
         ({"answer": "2"}, "row 1: field 'problem' must be a non-empty string"),
+        ({"question": " ", "answer": "2"}, "row 1: field 'question' must be a non-empty string"),
         ({"problem": "x", "solution": "no box here"}, "row 1: no 'answer' field and the 'solution' has no"),
         ({"problem": "x", "answer": ""}, "row 1: field 'answer' must be a non-empty string"),
         (["not", "an", "object"], "row 1: expected an object with 'problem' and 'answer'"),

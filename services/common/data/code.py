@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.data.rows import DatasetError, read_rows, resolve_data_path, short
+from services.common.data.rows import matching as _matching
 
 PROMPT_FIELDS = ("prompt", "question", "problem")
 TRUTH_FIELDS = ("tests", "ground_truth", "input_output", "reward_model")
@@ -204,14 +206,18 @@ def parse_code_row(row: Any, where: str) -> CodeProblem:
     return CodeProblem(_prompt(row, where), tuple(tests), _limits(row.get("limits"), where))
 
 
-def load_code_problems(path: str | os.PathLike[str]) -> list[CodeProblem]:
+def load_code_problems(
+    path: str | os.PathLike[str], where: Mapping[str, Any] | None = None
+) -> list[CodeProblem]:
     """Every problem of a code dataset file (see the module docstring for the row formats)."""
     path = resolve_data_path(path)
     rows = read_rows(path, (), _COLUMNS, example='{"prompt": "Print the sum of two integers.", "tests": '
-                     '[{"stdin": "1 2\\n", "expected_stdout": "3\\n"}]}')  # fmt: skip
+                     '[{"stdin": "1 2\\n", "expected_stdout": "3\\n"}]}', where=where)  # fmt: skip
     problems = [parse_code_row(row, f"{path}: row {n}") for n, row in rows]
     if not problems:
-        raise DatasetError(f"{path}: the file holds no rows; expected at least one with a prompt and tests")
+        raise DatasetError(
+            f"{path}: the file holds no rows{_matching(where)}; expected at least one with a prompt and tests"
+        )
     return problems
 
 

@@ -16,13 +16,14 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from services.common.data.rows import JSONL_SUFFIXES, DatasetError, read_rows, resolve_data_path, short
+from services.common.data.rows import matching as _matching
 
 ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
@@ -164,7 +165,9 @@ def _parse_row(row: Any, where: str) -> CountdownProblem:
     return CountdownProblem(nums=nums, target=target, solution=solution)
 
 
-def load_countdown_tasks(path: str | os.PathLike[str]) -> list[CountdownProblem]:
+def load_countdown_tasks(
+    path: str | os.PathLike[str], where: Mapping[str, Any] | None = None
+) -> list[CountdownProblem]:
     """Problems from a Countdown-Tasks file: JSON Lines (``.jsonl``/``.json``, one object per line)
     or Parquet (``.parquet``, needs pyarrow), local or ``hf://datasets/...`` (``rows.resolve_data_path``).
     Each row needs ``nums`` (2..6 non-negative integers)
@@ -174,10 +177,13 @@ def load_countdown_tasks(path: str | os.PathLike[str]) -> list[CountdownProblem]
     malformed row, and for an empty file.
     """
     path = resolve_data_path(path)
-    rows = read_rows(path, ("nums", "target"), ("solution",), example='{"nums": [1, 2, 3], "target": 6}')
+    example = '{"nums": [1, 2, 3], "target": 6}'
+    rows = read_rows(path, ("nums", "target"), ("solution",), example=example, where=where)
     problems = [_parse_row(row, f"{path}: row {n}") for n, row in rows]
     if not problems:
-        raise DatasetError(f"{path}: the file holds no rows; expected at least one with 'nums' and 'target'")
+        raise DatasetError(
+            f"{path}: the file holds no rows{_matching(where)}; expected one or more with 'nums' and 'target'"
+        )
     return problems
 
 

@@ -9,10 +9,12 @@ Hendrycks MATH releases and their MATH-500 / lighteval copies.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from services.common.data.rows import DatasetError, read_rows, resolve_data_path, short
+from services.common.data.rows import matching as _matching
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +48,12 @@ def last_boxed(text: str) -> str | None:
 def _parse_row(row: Any, where: str) -> MathProblem:
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: expected an object with 'problem' and 'answer', got {short(row)}")
-    problem = row.get("problem")
+    name = "problem" if "problem" in row or "question" not in row else "question"  # Minerva names it so
+    problem = row.get(name)
     if not isinstance(problem, str) or not problem.strip():
-        raise DatasetError(f"{where}: field 'problem' must be a non-empty string, got {short(problem)}")
+        raise DatasetError(
+            f"{where}: field {name!r} must be a non-empty string, got {short(problem)}"
+        )
     answer = row.get("answer")
     if answer is None and isinstance(row.get("solution"), str):
         answer = last_boxed(row["solution"])
@@ -66,14 +71,16 @@ def _parse_row(row: Any, where: str) -> MathProblem:
     return MathProblem(problem=problem, answer=answer.strip())
 
 
-def load_math_problems(path: str | os.PathLike[str]) -> list[MathProblem]:
+def load_math_problems(
+    path: str | os.PathLike[str], where: Mapping[str, Any] | None = None
+) -> list[MathProblem]:
     """Problems from a MATH-style file; ``DatasetError`` names the file, row and field of a bad row."""
     path = resolve_data_path(path)
     example = '{"problem": "What is 1 + 1?", "answer": "2"}'
-    rows = read_rows(path, ("problem",), ("answer", "solution"), example=example)
+    rows = read_rows(path, (), ("problem", "question", "answer", "solution"), example=example, where=where)
     problems = [_parse_row(row, f"{path}: row {n}") for n, row in rows]
     if not problems:
         raise DatasetError(
-            f"{path}: the file holds no rows; expected at least one with 'problem' and 'answer'"
+            f"{path}: no rows{_matching(where)}; expected at least one with 'problem' and 'answer'"
         )
     return problems

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +46,38 @@ def resolve_data_path(path: str | Path) -> Path:
     )
 
 
+def matching(where: Mapping[str, Any] | None) -> str:
+    """`` matching {...}`` for an empty-file error when a row filter was applied, else ``""``."""
+    return f" matching data.row_filter {dict(where)}" if where else ""
+
+
 def read_rows(
-    path: Path, required: Sequence[str], optional: Sequence[str] = (), example: str = "{}"
+    path: Path,
+    required: Sequence[str],
+    optional: Sequence[str] = (),
+    example: str = "{}",
+    where: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """(row number, row) pairs of a JSON Lines or Parquet file. Parquet reads only ``required`` and
-    ``optional`` columns and refuses a file without a required one; ``example`` is a valid JSON row, quoted
-    in the error for a malformed line."""
+    ``optional`` columns (and those of ``where``) and refuses a file without a required one; ``example`` is
+    a valid JSON row, quoted in the error for a malformed line. With ``where``, only the rows whose fields
+    equal those values (e.g. ``{"ability": "coding"}``: the code split of a mixed file); the row numbers
+    stay the file's, so an error still points at the right line."""
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
-        return _jsonl_rows(path, example)
-    if suffix in PARQUET_SUFFIXES:
-        return _parquet_rows(path, required, optional)
-    raise DatasetError(
-        f"{path}: unknown dataset format {suffix!r}; use one of {list(JSONL_SUFFIXES + PARQUET_SUFFIXES)}"
+        rows = _jsonl_rows(path, example)
+    elif suffix in PARQUET_SUFFIXES:
+        rows = _parquet_rows(path, (*required, *(where or {})), optional)
+    else:
+        raise DatasetError(
+            f"{path}: unknown dataset format {suffix!r}; use one of {list(JSONL_SUFFIXES + PARQUET_SUFFIXES)}"
+        )
+    if not where:
+        return rows
+    return (
+        (n, row)
+        for n, row in rows
+        if isinstance(row, dict) and all(row.get(k) == v for k, v in where.items())
     )
 
 
