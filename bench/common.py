@@ -14,10 +14,16 @@ if str(REPO) not in sys.path:  # the benchmarks run as `python bench/<name>.py` 
     sys.path.insert(0, str(REPO))
 
 
-def run_coordinator(overrides: list[str], runs_dir: Path, name: str, timeout_s: int = 3600) -> Path:
-    """``python -m services.coordinator --config configs/countdown-tiny.yaml --set ...``; returns the
-    run directory (raises with the log tail on failure)."""
-    cmd = [sys.executable, "-m", "services.coordinator", "--config", "configs/countdown-tiny.yaml"]
+def run_coordinator(
+    overrides: list[str],
+    runs_dir: Path,
+    name: str,
+    timeout_s: int = 3600,
+    config: str = "configs/countdown-tiny.yaml",
+) -> Path:
+    """``python -m services.coordinator --config <config> --set ...``; returns the run directory (raises
+    with the log tail on failure)."""
+    cmd = [sys.executable, "-m", "services.coordinator", "--config", config]
     for o in [*overrides, f"coordinator.runs_dir={runs_dir}", f"coordinator.run_name={name}"]:
         cmd += ["--set", o]
     proc = subprocess.run(

@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from services.common.data.countdown import CountdownProblem, format_answer, format_prompt, generate_problems
 from services.common.paths import project_cache_dir, set_cache_env
@@ -58,9 +58,49 @@ ALPHABET = string.digits + "+-*/()=. \n<>" + string.ascii_lowercase + string.asc
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
+def check_shape(spec: ModelSpec) -> None:
+    """Refuse a model shape vLLM's CPU backend cannot run or an empty SFT schedule."""
+    head_dim, rest = divmod(spec.hidden_size, spec.num_heads)
+    if rest or head_dim not in VLLM_CPU_HEAD_SIZES:
+        raise ValueError(
+            f"hidden_size/num_heads = {spec.hidden_size}/{spec.num_heads} must be an integer in "
+            f"{VLLM_CPU_HEAD_SIZES} (vLLM CPU attention head sizes); pick other sizes"
+        )
+    if min(spec.train_steps, spec.batch_size) < 1 or spec.lr <= 0:
+        raise ValueError(f"train_steps, batch_size and lr must be > 0: {spec}")
+
+
+class ModelSpec(Protocol):
+    """What the build reads from a tiny model's spec (:class:`TinySpec`, the code task's ``CodeTinySpec``):
+    the model shape, the SFT schedule, the character vocabulary and the SFT examples."""
+
+    kind: ClassVar[str]
+    alphabet: ClassVar[str]
+    seed: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    train_steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+
+    @property
+    def head_dim(self) -> int: ...
+
+    def spec_hash(self) -> str: ...
+
+    def sft_examples(self) -> list[tuple[str, str]]: ...
+
+
 @dataclass(frozen=True)
 class TinySpec:
     """Everything that determines the tiny model; its hash names the cache folder."""
+
+    kind: ClassVar[str] = "countdown"
+    alphabet: ClassVar[str] = ALPHABET
 
     seed: int = 0
     """Seed of weight init and batch order (``torch.manual_seed``)."""
@@ -94,14 +134,9 @@ class TinySpec:
     max_target: int = 100
 
     def __post_init__(self) -> None:
-        head_dim, rest = divmod(self.hidden_size, self.num_heads)
-        if rest or head_dim not in VLLM_CPU_HEAD_SIZES:
-            raise ValueError(
-                f"hidden_size/num_heads = {self.hidden_size}/{self.num_heads} must be an integer in "
-                f"{VLLM_CPU_HEAD_SIZES} (vLLM CPU attention head sizes); pick other sizes"
-            )
-        if min(self.train_steps, self.batch_size, self.n_train_problems) < 1 or self.lr <= 0:
-            raise ValueError(f"train_steps, batch_size, n_train_problems and lr must be > 0: {self}")
+        check_shape(self)
+        if self.n_train_problems < 1:
+            raise ValueError(f"n_train_problems must be > 0: {self}")
         if not 0.0 <= self.untagged_fraction < 1.0:
             raise ValueError(f"untagged_fraction must be in [0, 1), got {self.untagged_fraction}")
         if self.train_seed == self.heldout_seed:
@@ -124,18 +159,30 @@ class TinySpec:
         blob = json.dumps({"build_version": BUILD_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    def sft_examples(self) -> list[tuple[str, str]]:
+        """(prompt, answer) per SFT problem; a seeded ``untagged_fraction`` of the answers is the bare
+        expression."""
+        import random
+
+        rng = random.Random(self.seed * 31 + 7)
+        out = []
+        for p in train_problems(self):
+            answer = p.solution if rng.random() < self.untagged_fraction else format_answer(p.solution)
+            out.append((format_prompt(p.nums, p.target), answer))
+        return out
+
 
 SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
-def default_model_dir(spec: TinySpec = TinySpec()) -> Path:
-    """``<project cache>/models/countdown-tiny-<spec hash>``."""
-    return project_cache_dir() / "models" / f"countdown-tiny-{spec.spec_hash()}"
+def default_model_dir(spec: ModelSpec = TinySpec()) -> Path:
+    """``<project cache>/models/<kind>-tiny-<spec hash>``."""
+    return project_cache_dir() / "models" / f"{spec.kind}-tiny-{spec.spec_hash()}"
 
 
-def shipped_model_dir(spec: TinySpec = TinySpec()) -> Path:
-    """``models/countdown-tiny-<spec hash>`` in the repository (complete only for the shipped spec)."""
-    return SHIPPED_MODELS / f"countdown-tiny-{spec.spec_hash()}"
+def shipped_model_dir(spec: ModelSpec = TinySpec()) -> Path:
+    """``models/<kind>-tiny-<spec hash>`` in the repository (complete only for a shipped spec)."""
+    return SHIPPED_MODELS / f"{spec.kind}-tiny-{spec.spec_hash()}"
 
 
 def _problem_key(p: CountdownProblem) -> tuple[tuple[int, ...], int]:
@@ -178,8 +225,8 @@ def heldout_problems(
     return out
 
 
-def build_tokenizer(model_max_length: int = 128) -> PreTrainedTokenizerFast:
-    """A char-level tokenizer over :data:`ALPHABET`: one token per character, ``<s>`` prepended.
+def build_tokenizer(model_max_length: int = 128, alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
+    """A char-level tokenizer over ``alphabet``: one token per character, ``<s>`` prepended.
 
     A BPE model with no merges over a character vocabulary splits any text into its characters
     (unknown ones become ``<unk>``); the ``Fuse`` decoder joins them back without spaces.
@@ -188,7 +235,7 @@ def build_tokenizer(model_max_length: int = 128) -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
     specials = [PAD, BOS, EOS, UNK]
-    vocab = {tok: i for i, tok in enumerate(specials + list(ALPHABET))}
+    vocab = {tok: i for i, tok in enumerate(specials + list(alphabet))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
     backend.add_special_tokens(specials)
     backend.decoder = decoders.Fuse()
@@ -209,7 +256,7 @@ def build_tokenizer(model_max_length: int = 128) -> PreTrainedTokenizerFast:
     )
 
 
-def _model_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+def _model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -229,28 +276,21 @@ def _model_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> LlamaCo
     )
 
 
-def _encode_examples(
-    problems: list[CountdownProblem], tokenizer: PreTrainedTokenizerFast, spec: TinySpec
-) -> list[tuple[list[int], int]]:
-    """(token ids of ``<s> prompt answer </s>``, number of prompt tokens incl. ``<s>``) per problem;
-    a seeded ``untagged_fraction`` of the answers is the bare expression."""
-    import random
-
-    rng = random.Random(spec.seed * 31 + 7)
+def _encode_examples(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast) -> list[tuple[list[int], int]]:
+    """(token ids of ``<s> prompt answer </s>``, number of prompt tokens incl. ``<s>``) per SFT example."""
     out = []
-    for p in problems:
-        prompt_ids = tokenizer(format_prompt(p.nums, p.target))["input_ids"]
-        answer = p.solution if rng.random() < spec.untagged_fraction else format_answer(p.solution)
+    for prompt, answer in spec.sft_examples():
+        prompt_ids = tokenizer(prompt)["input_ids"]
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         out.append((prompt_ids + answer_ids + [tokenizer.eos_token_id], len(prompt_ids)))
     return out
 
 
-def _sft(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, spec: TinySpec) -> None:
+def _sft(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, spec: ModelSpec) -> None:
     """Teacher-forced SFT on prompt + answer + eos, loss on the answer tokens (and eos) only."""
     import torch
 
-    examples = _encode_examples(train_problems(spec), tokenizer, spec)
+    examples = _encode_examples(spec, tokenizer)
     too_long = max(len(ids) for ids, _ in examples)
     if too_long > spec.max_position_embeddings:
         raise ValueError(f"an SFT example has {too_long} tokens > max_position_embeddings; raise it")
@@ -296,7 +336,7 @@ def _sft(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, spec: Tiny
     model.eval()
 
 
-def is_complete(model_dir: Path, spec: TinySpec) -> bool:
+def is_complete(model_dir: Path, spec: ModelSpec) -> bool:
     """True when ``model_dir`` holds a finished build of exactly ``spec``."""
     try:
         saved = json.loads((model_dir / SPEC_FILE).read_text())
@@ -306,11 +346,11 @@ def is_complete(model_dir: Path, spec: TinySpec) -> bool:
     return saved.get("spec_hash") == spec.spec_hash() and all((model_dir / f).is_file() for f in needed)
 
 
-def _build_into(tmp: Path, spec: TinySpec) -> None:
+def _build_into(tmp: Path, spec: ModelSpec) -> None:
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer(spec.max_position_embeddings)
+    tokenizer = build_tokenizer(spec.max_position_embeddings, spec.alphabet)
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(_model_config(spec, tokenizer)).float()
     n_params = sum(p.numel() for p in model.parameters())
@@ -346,7 +386,7 @@ def _remove_stale_temps(out_dir: Path, max_age_s: float = 3 * 3600.0) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def build_tiny(out_dir: Path | None = None, spec: TinySpec = TinySpec(), *, force: bool = False) -> Path:
+def build_tiny(out_dir: Path | None = None, spec: ModelSpec = TinySpec(), *, force: bool = False) -> Path:
     """Build (or reuse) the tiny model for ``spec`` and return its folder.
 
     Without ``out_dir``, the shipped build of ``spec`` (``models/``) if there is one. Reuses ``out_dir``

@@ -18,11 +18,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def resolve_model(path: str) -> str:
-    """``tiny:countdown`` -> the tiny model (built if missing); a directory as is; else a hub id."""
+    """``tiny:countdown`` / ``tiny:code`` -> the tiny model (built if missing); a directory as is; else a
+    hub id."""
     if path == "tiny:countdown":
         from services.common.tiny import build_tiny
 
         return str(build_tiny())
+    if path == "tiny:code":
+        from services.common.tiny import build_tiny
+        from services.common.tiny_code import CodeTinySpec
+
+        return str(build_tiny(spec=CodeTinySpec()))
     if Path(path).is_dir():
         return str(Path(path).resolve())
     from huggingface_hub import snapshot_download  # real hub loading for cluster runs

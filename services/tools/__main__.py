@@ -1,7 +1,8 @@
 """Project command-line tools: ``python -m services.tools <command> ...``.
 
 Commands:
-  build-tiny   build (or reuse) the tiny Countdown base model and report its base Pass@1 with vLLM.
+  build-tiny   build (or reuse) a tiny base model (``--task countdown`` or ``code``) and report its base
+               Pass@1 with vLLM; ``--task code`` also writes the code task's data files (data/code-tiny).
 """
 
 from __future__ import annotations
@@ -20,9 +21,18 @@ logger = logging.getLogger("lpo.tools")
 
 
 def _build_tiny(args: argparse.Namespace) -> int:
-    from services.common.tiny import TinySpec, build_tiny, default_model_dir, heldout_problems, is_complete
+    from services.common.tiny import TinySpec, build_tiny, default_model_dir, is_complete
+    from services.common.tiny_code import CodeTinySpec
 
-    spec = TinySpec() if args.seed is None else replace(TinySpec(), seed=args.seed)
+    base = CodeTinySpec() if args.task == "code" else TinySpec()
+    spec = base if args.seed is None else replace(base, seed=args.seed)
+    if args.task == "code":
+        from services.common.tiny_code import DATA_DIR, data_is_current, write_data
+
+        if not data_is_current(spec):
+            logger.info("writing the tiny code task's data: %s", sorted(map(str, write_data(spec).values())))
+        else:
+            logger.info("tiny code task data up to date in %s", DATA_DIR)
     reused = not args.force and is_complete(args.out or default_model_dir(spec), spec)
     started = time.perf_counter()
     model_dir = build_tiny(args.out, spec, force=args.force)
@@ -30,11 +40,16 @@ def _build_tiny(args: argparse.Namespace) -> int:
     if not args.eval:
         return 0
 
-    from services.common.data.problems import countdown_problem
     from services.tools.evaluate import build_engine, evaluate_engine, prompt_ids, tools_config
 
-    cfg = tools_config(seed=args.eval_seed, temperature=args.temperature)
-    problems = [countdown_problem(p) for p in heldout_problems(args.problems, spec=spec)]
+    cfg = tools_config(
+        seed=args.eval_seed,
+        temperature=args.temperature,
+        max_tokens=160 if args.task == "code" else 64,
+        max_model_len=spec.max_position_embeddings,
+        extra=_code_overrides() if args.task == "code" else (),
+    )
+    problems = _heldout(args.task, spec, args.problems)
     # In-process vLLM starts ~15 s faster, but after SFT ran in this process it samples ~3x slower
     # (torch/OMP state left by training); then the engine's own child processes are faster overall.
     engine = build_engine(model_dir, cfg, in_process=reused)
@@ -55,11 +70,35 @@ def _build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _code_overrides() -> list[str]:
+    from services.common.tiny_code import DATA_DIR, SPLIT_FILES
+
+    return [
+        "model.path=tiny:code",
+        "data.task=code",
+        f"data.train_path={DATA_DIR / SPLIT_FILES['train']}",
+        f"data.eval_path={DATA_DIR / SPLIT_FILES['heldout']}",
+    ]
+
+
+def _heldout(task: str, spec: object, n: int) -> list:
+    from services.common.data.problems import code_problem, countdown_problem
+
+    if task == "code":
+        from services.common.tiny_code import heldout_problems as code_heldout
+
+        return [code_problem(p) for p in code_heldout(n)]
+    from services.common.tiny import heldout_problems
+
+    return [countdown_problem(p) for p in heldout_problems(n, spec=spec)]  # type: ignore[arg-type]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.tools", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tiny = sub.add_parser("build-tiny", help="build the tiny Countdown model and evaluate its base Pass@1")
+    tiny = sub.add_parser("build-tiny", help="build a tiny model and evaluate its base Pass@1")
+    tiny.add_argument("--task", choices=("countdown", "code"), default="countdown", help="which tiny model")
     tiny.add_argument("--out", type=Path, default=None, help="model folder (default: the spec-hashed cache)")
     tiny.add_argument("--seed", type=int, default=None, help="TinySpec.seed (weights, batch order)")
     tiny.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")

@@ -20,13 +20,22 @@ if TYPE_CHECKING:
 _UNTRAINED_SHA256 = "0" * 64  # behaviour hash of a model evaluated outside a run (never trained here)
 
 
-def tools_config(seed: int = 0, temperature: float = 1.0, max_tokens: int = 64) -> RunConfig:
-    """A default run config whose generator and evaluation settings are the given ones."""
+def tools_config(
+    seed: int = 0,
+    temperature: float = 1.0,
+    max_tokens: int = 64,
+    max_model_len: int = 128,
+    extra: Sequence[str] = (),
+) -> RunConfig:
+    """A default run config whose generator and evaluation settings are the given ones (``extra``: more
+    ``section.field=value`` overrides)."""
     return build_config(
         {},
         [
+            *extra,
             f"generator.seed={seed}",
             f"generator.max_tokens={max_tokens}",
+            f"model.max_model_len={max_model_len}",
             f"coordinator.eval_temperature={temperature}",
             "coordinator.run_name=tools",
         ],
@@ -64,8 +73,8 @@ def evaluate_engine(
     prompts: Sequence[Sequence[int]],
     samples: int,
 ) -> dict[str, Any]:
-    """Pass@k (k = 1, 8, the largest power of two <= ``samples``) of the engine's weights on Countdown
-    ``problems`` (``prompts``: their token ids), ``samples`` per problem at
+    """Pass@k (k = 1, 8, the largest power of two <= ``samples``) of the engine's weights on
+    ``problems`` (scored by the rule of their kind) (``prompts``: their token ids), ``samples`` per problem at
     ``cfg.coordinator.eval_temperature``; deterministic in ``cfg.generator.seed``."""
     from services.verifier.scoring import score_group
 
