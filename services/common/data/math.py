@@ -51,9 +51,7 @@ def _parse_row(row: Any, where: str) -> MathProblem:
     name = "problem" if "problem" in row or "question" not in row else "question"  # Minerva names it so
     problem = row.get(name)
     if not isinstance(problem, str) or not problem.strip():
-        raise DatasetError(
-            f"{where}: field {name!r} must be a non-empty string, got {short(problem)}"
-        )
+        raise DatasetError(f"{where}: field {name!r} must be a non-empty string, got {short(problem)}")
     answer = row.get("answer")
     if answer is None and isinstance(row.get("solution"), str):
         answer = last_boxed(row["solution"])
