@@ -35,9 +35,10 @@ import shutil
 import string
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar
 
 from services.common.data.countdown import CountdownProblem, format_answer, format_prompt, generate_problems
 from services.common.paths import project_cache_dir, set_cache_env
@@ -58,49 +59,14 @@ ALPHABET = string.digits + "+-*/()=. \n<>" + string.ascii_lowercase + string.asc
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
-def check_shape(spec: ModelSpec) -> None:
-    """Refuse a model shape vLLM's CPU backend cannot run or an empty SFT schedule."""
-    head_dim, rest = divmod(spec.hidden_size, spec.num_heads)
-    if rest or head_dim not in VLLM_CPU_HEAD_SIZES:
-        raise ValueError(
-            f"hidden_size/num_heads = {spec.hidden_size}/{spec.num_heads} must be an integer in "
-            f"{VLLM_CPU_HEAD_SIZES} (vLLM CPU attention head sizes); pick other sizes"
-        )
-    if min(spec.train_steps, spec.batch_size) < 1 or spec.lr <= 0:
-        raise ValueError(f"train_steps, batch_size and lr must be > 0: {spec}")
-
-
-class ModelSpec(Protocol):
+@dataclass(frozen=True)
+class ModelSpec(ABC):
     """What the build reads from a tiny model's spec (:class:`TinySpec`, the code task's ``CodeTinySpec``):
-    the model shape, the SFT schedule, the character vocabulary and the SFT examples."""
+    the model shape and SFT schedule (these fields, whose defaults are the Countdown model's), the
+    character vocabulary (``alphabet``), the folder prefix (``kind``), the hash and the SFT examples."""
 
     kind: ClassVar[str]
     alphabet: ClassVar[str]
-    seed: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    train_steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
-
-    @property
-    def head_dim(self) -> int: ...
-
-    def spec_hash(self) -> str: ...
-
-    def sft_examples(self) -> list[tuple[str, str]]: ...
-
-
-@dataclass(frozen=True)
-class TinySpec:
-    """Everything that determines the tiny model; its hash names the cache folder."""
-
-    kind: ClassVar[str] = "countdown"
-    alphabet: ClassVar[str] = ALPHABET
 
     seed: int = 0
     """Seed of weight init and batch order (``torch.manual_seed``)."""
@@ -110,11 +76,43 @@ class TinySpec:
     """``hidden_size / num_heads`` must be a head size the vLLM CPU backend supports."""
     intermediate_size: int = 512
     max_position_embeddings: int = 128
-    """Prompt + answer stay under ~70 chars; vLLM's ``max_model_len`` may not exceed this."""
+    """Prompt + answer must fit; vLLM's ``max_model_len`` may not exceed this."""
     train_steps: int = 500
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 25
+
+    def __post_init__(self) -> None:
+        head_dim, rest = divmod(self.hidden_size, self.num_heads)
+        if rest or head_dim not in VLLM_CPU_HEAD_SIZES:
+            raise ValueError(
+                f"hidden_size/num_heads = {self.hidden_size}/{self.num_heads} must be an integer in "
+                f"{VLLM_CPU_HEAD_SIZES} (vLLM CPU attention head sizes); pick other sizes"
+            )
+        if min(self.train_steps, self.batch_size) < 1 or self.lr <= 0:
+            raise ValueError(f"train_steps, batch_size and lr must be > 0: {self}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def spec_hash(self) -> str:
+        """Short stable hash of the spec (every field, whatever its class) and the build code version."""
+        blob = json.dumps({"build_version": BUILD_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @abstractmethod
+    def sft_examples(self) -> list[tuple[str, str]]:
+        """(prompt, answer) per SFT example: each task's spec gives its own."""
+
+
+@dataclass(frozen=True)
+class TinySpec(ModelSpec):
+    """Everything that determines the tiny Countdown model; its hash names the cache folder."""
+
+    kind: ClassVar[str] = "countdown"
+    alphabet: ClassVar[str] = ALPHABET
+
     n_train_problems: int = 8000
     """Distinct SFT problems, cycled over ``train_steps * batch_size`` examples. Kept well below the
     problem space: held-out problems must avoid all of them, and the more the training set covers,
@@ -134,17 +132,13 @@ class TinySpec:
     max_target: int = 100
 
     def __post_init__(self) -> None:
-        check_shape(self)
+        super().__post_init__()
         if self.n_train_problems < 1:
             raise ValueError(f"n_train_problems must be > 0: {self}")
         if not 0.0 <= self.untagged_fraction < 1.0:
             raise ValueError(f"untagged_fraction must be in [0, 1), got {self.untagged_fraction}")
         if self.train_seed == self.heldout_seed:
             raise ValueError(f"train_seed and heldout_seed must differ, both are {self.train_seed}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     def problem_kwargs(self) -> dict[str, int]:
         return {
@@ -153,11 +147,6 @@ class TinySpec:
             "max_num": self.max_num,
             "max_target": self.max_target,
         }
-
-    def spec_hash(self) -> str:
-        """Short stable hash of the spec and the build code version."""
-        blob = json.dumps({"build_version": BUILD_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def sft_examples(self) -> list[tuple[str, str]]:
         """(prompt, answer) per SFT problem; a seeded ``untagged_fraction`` of the answers is the bare

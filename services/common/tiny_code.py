@@ -29,7 +29,7 @@ from typing import ClassVar
 
 from services.common.data.code import CodeProblem, load_code_problems, save_code_problems
 from services.common.data.tinycode import disjoint_splits, solution_of
-from services.common.tiny import BUILD_VERSION, check_shape
+from services.common.tiny import BUILD_VERSION, ModelSpec
 
 # One token per character: what the prompts and the reference programs use, plus the rest of the
 # letters. Order is part of the vocabulary, so never reorder.
@@ -39,23 +39,15 @@ SPLIT_FILES = {"train": "train.jsonl", "val": "val.jsonl", "heldout": "heldout.j
 
 
 @dataclass(frozen=True)
-class CodeTinySpec:
+class CodeTinySpec(ModelSpec):
     """Everything that determines the tiny code model and its data; its hash names the model folder."""
 
     kind: ClassVar[str] = "code"
     alphabet: ClassVar[str] = CODE_ALPHABET
 
-    seed: int = 0
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 512
     max_position_embeddings: int = 256
     """Prompt + program stay under ~170 characters."""
     train_steps: int = 300
-    batch_size: int = 64
-    lr: float = 3e-3
-    warmup_steps: int = 25
     n_train_problems: int = 4000
     habit_fraction: float = 0.5
     """Share of SFT programs that read the numbers as strings (the habit RL removes)."""
@@ -70,16 +62,12 @@ class CodeTinySpec:
     heldout_size: int = 512
 
     def __post_init__(self) -> None:
-        check_shape(self)
+        super().__post_init__()
         seeds = (self.sft_seed, self.rl_train_seed, self.val_seed, self.heldout_seed)
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"the SFT, RL, validation and held-out seeds must differ, got {seeds}")
         if not 0.0 <= self.habit_fraction < 1.0:
             raise ValueError(f"habit_fraction must be in [0, 1), got {self.habit_fraction}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     def spec_hash(self) -> str:
         blob = json.dumps({"build_version": BUILD_VERSION, "kind": self.kind, **asdict(self)}, sort_keys=True)
