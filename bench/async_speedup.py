@@ -14,7 +14,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, read_jsonl, run_coordinator, write_result
+from common import ASYNC_CORES, RESULTS, read_jsonl, run_coordinator, write_result
 
 
 def main() -> None:
@@ -27,8 +27,8 @@ def main() -> None:
         "coordinator.eval_every=0",
         "coordinator.eval_problems=16",
         # one core each for the learner and the generator: the overlap the bound describes (the default
-        # sync config gives the learner both cores, which would oversubscribe them once phases overlap)
-        "cluster.learner.num_cpus=1",
+        # sync config gives both two cores, which would oversubscribe them once phases overlap)
+        *ASYNC_CORES,
     ]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:

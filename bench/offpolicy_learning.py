@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from common import RESULTS, read_jsonl, run_coordinator, write_result
+from common import ASYNC_CORES, RESULTS, read_jsonl, run_coordinator, write_result
 
 SETTINGS = {
     "lpo_fwd/engine": ["learner.objective=lpo_fwd", "learner.behavior_logprobs=engine"],
@@ -62,7 +62,7 @@ def main() -> None:
                             f"coordinator.max_policy_lag={lag}",
                             f"generator.seed={seed}",
                             f"learner.seed={seed}",
-                            "cluster.learner.num_cpus=1",  # one core each once generation overlaps training
+                            *ASYNC_CORES,  # one core each once generation overlaps training
                         ],
                         Path(tmp),
                         run_name,

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, read_jsonl, run_coordinator
+from common import ASYNC_CORES, REPO, RESULTS, read_jsonl, run_coordinator
 
 VENV = REPO / ".bench" / "trl-venv"
 PROMPTS, K, MAX_TOKENS, LR = 16, 8, 48, 1.5e-4
@@ -186,7 +186,7 @@ def run_project(mode: str, steps: int, warmup: int, tmp: Path) -> dict:
         "metrics.enabled=false",
     ]
     if mode == "async":
-        overrides += ["coordinator.max_policy_lag=1", "cluster.learner.num_cpus=1"]
+        overrides += ["coordinator.max_policy_lag=1", *ASYNC_CORES]
     cpu0, wall0 = _cpu_children(), time.perf_counter()
     run_dir = run_coordinator(overrides, tmp, f"peer-{mode}")
     cpu, wall = _cpu_children() - cpu0, time.perf_counter() - wall0

@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, read_jsonl, run_coordinator
+from common import ASYNC_CORES, RESULTS, read_jsonl, run_coordinator
 
 OBJECTIVES = ("pg", "lpo_fwd", "lpo_rev")
 PER_STEP = ("entropy", "grad_norm", "grad_clip_fraction", "drift", "abs_s_theta", "kl_proximal",
@@ -102,7 +102,7 @@ def settings(args: argparse.Namespace) -> dict[str, list[str]]:
                     f"learner.updates_per_batch={updates}",
                     f"coordinator.max_policy_lag={lag}",
                     # async runs overlap generation and training: one core each
-                    *(["cluster.learner.num_cpus=1"] if lag else []),
+                    *(ASYNC_CORES if lag else []),
                 ]
     return out
 

@@ -79,6 +79,32 @@ def _job_env_vars() -> set[str]:
     return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
 
 
+def reserved_cpus(cfg: RunConfig) -> float:
+    """Logical CPUs the run's actors reserve (``cluster.*.num_cpus`` times their counts)."""
+    c = cfg.cluster
+    return (
+        cfg.generator.num_actors * c.generator.num_cpus
+        + cfg.verifier.num_workers * c.verifier.num_cpus
+        + cfg.learner.world_size * c.learner.num_cpus
+    )
+
+
+def warn_if_short(cfg: RunConfig) -> None:
+    """On a joined cluster, say at once (not after the actors' start-up timeout) when its CPUs cannot hold
+    the run's reservations; only a warning, since an autoscaling cluster may still grow."""
+    import ray
+
+    total, needed = ray.cluster_resources().get("CPU", 0.0), reserved_cpus(cfg)
+    if total < needed:
+        logger.warning(
+            "the cluster has %g CPUs, the run's actors reserve %g (cluster.generator/verifier/learner"
+            ".num_cpus x generator.num_actors/verifier.num_workers/learner.world_size): actors will wait "
+            "for CPUs; lower those num_cpus or add nodes",
+            total,
+            needed,
+        )
+
+
 def init_ray(cfg: RunConfig) -> bool:
     """Join the cluster (``ray job submit`` / ``RAY_ADDRESS`` / ``cluster.address``) or start a local one.
     Returns whether this call started Ray (and so must shut it down)."""
@@ -94,12 +120,7 @@ def init_ray(cfg: RunConfig) -> bool:
         env = {k: v for k, v in env.items() if k not in _job_env_vars()}
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return True
-    c = cfg.cluster
-    needed = (
-        cfg.generator.num_actors * c.generator.num_cpus
-        + cfg.verifier.num_workers * c.verifier.num_cpus
-        + cfg.learner.world_size * c.learner.num_cpus
-    )
+    needed = reserved_cpus(cfg)
     # Logical CPUs: on a small machine the stages take turns (sync) or share cores (async).
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     ray.init(
@@ -183,6 +204,7 @@ class Runtime:
         rt = cls(cfg=cfg, redis_url=redis_url, model_dir=model_dir, redis_server=server)
         try:
             rt.owns_ray = init_ray(cfg)
+            warn_if_short(cfg)
             c = cfg.cluster
             rt.learner = LearnerGroup(cfg, model_dir, redis_url)
             # A crashed generator or verifier is restarted by Ray, and its running loop (and any control

@@ -34,6 +34,9 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "lpo-training.json"
 STEPS = 6
 RUN = "submitted"
 BIN = Path(sys.executable).parent
+# logical CPUs of the test's head: the tiny config's actors reserve 2 (generator) + 2 (learner) + 0.5
+# (verifier), taking turns on the real cores in sync mode
+HEAD_CPUS = 5
 REPORT_INTERVAL_S = 1.0  # RAY_metrics_report_interval_ms of the head: how often Ray exports what was recorded
 
 
@@ -132,7 +135,7 @@ def head() -> Iterator[Head]:
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
         f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent}",
         f"--dashboard-agent-grpc-port={agent_grpc}", f"--ray-client-server-port={client}",
-        f"--node-manager-port={node}", f"--object-manager-port={objm}", "--num-cpus=4",
+        f"--node-manager-port={node}", f"--object-manager-port={objm}", f"--num-cpus={HEAD_CPUS}",
         "--include-dashboard=true", "--disable-usage-stats",
     ]  # fmt: skip
     url = f"http://127.0.0.1:{dash}"
