@@ -376,6 +376,20 @@ class ActorResources(_Section):
     """CPUs reserved per actor."""
     num_gpus: float = Field(0.0, ge=0.0)
     """GPUs reserved per actor (fractions allowed)."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources reserved per actor, e.g. ``{rollout_node: 1}``: the actor is placed only on
+    nodes that offer them (``ray start --resources='{"rollout_node": 8}'``), which is how a run puts its
+    generators and verifiers on some nodes and its learner on others (docs/DEPLOY.md)."""
+
+    @model_validator(mode="after")
+    def _custom_resources(self) -> ActorResources:
+        for name, amount in self.resources.items():
+            if name.upper() in ("CPU", "GPU", "MEMORY", "OBJECT_STORE_MEMORY") or amount < 0:
+                raise ValueError(
+                    f"resources: {name}={amount:g} is not a custom resource amount: give num_cpus/num_gpus "
+                    "in their own fields and custom resources as name: amount >= 0"
+                )
+        return self
 
 
 class ClusterConfig(_Section):

@@ -212,12 +212,17 @@ class Runtime:
             supervised = {"max_restarts": c.max_restarts, "max_task_retries": -1 if c.max_restarts else 0}
             rt.generators = [
                 GeneratorActor.options(
-                    num_cpus=c.generator.num_cpus, num_gpus=c.generator.num_gpus, **supervised
+                    num_cpus=c.generator.num_cpus,
+                    num_gpus=c.generator.num_gpus,
+                    resources=c.generator.resources,
+                    **supervised,
                 ).remote(cfg, model_dir, redis_url, i)
                 for i in range(cfg.generator.num_actors)
             ]
             rt.verifiers = [
-                VerifierActor.options(num_cpus=c.verifier.num_cpus, **supervised).remote(cfg, redis_url, i)
+                VerifierActor.options(
+                    num_cpus=c.verifier.num_cpus, resources=c.verifier.resources, **supervised
+                ).remote(cfg, redis_url, i)
                 for i in range(cfg.verifier.num_workers)
             ]
             _wait_ready(rt.generators + rt.verifiers, timeout_s=600.0)

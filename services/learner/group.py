@@ -35,7 +35,7 @@ class LearnerGroup:
         port = _free_port()
         res = cfg.cluster.learner
         self.ranks = [
-            LearnerRank.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(
+            LearnerRank.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=res.resources).remote(
                 cfg, model_dir, redis_url, rank, n, port
             )
             for rank in range(n)

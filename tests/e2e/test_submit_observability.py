@@ -5,13 +5,10 @@ evaluates. The head, Prometheus and the verifier are stopped by PID (never ``ray
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +23,7 @@ import pytest
 import yaml
 
 from services.common.paths import project_cache_dir
+from tests.e2e.processes import free_ports, get, service, wait_for
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -40,77 +38,6 @@ HEAD_CPUS = 5
 REPORT_INTERVAL_S = 1.0  # RAY_metrics_report_interval_ms of the head: how often Ray exports what was recorded
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _get(url: str, timeout: float = 10.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.read()
-
-
-def _wait_for(what: str, ok, timeout_s: float, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if ok():
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    raise AssertionError(f"{what} not ready within {timeout_s:.0f}s\n{tail}")
-
-
-@contextlib.contextmanager
-def _service(
-    what: str, cmd: list[str], log: Path, ready, timeout_s: float, marker: str | None = None, **popen
-) -> Iterator[None]:
-    """Run ``cmd`` (output to ``log``) in its own session until the block ends; wait for ``ready()``."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen)
-    try:
-        _wait_for(what, ready, timeout_s, log)
-        yield
-    finally:
-        _stop(proc, marker)
-
-
-def _stop(proc: subprocess.Popen, marker: str | None = None) -> None:
-    """SIGTERM the process group, then SIGKILL it and any straggler whose command line holds ``marker``."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    if marker:
-        for pid in _pids_with(marker):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _pids_with(marker: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if marker in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    out.append(int(d.name))
-            except OSError:
-                continue
-    return out
-
-
 @dataclass
 class Head:
     temp_dir: Path
@@ -121,7 +48,7 @@ class Head:
 @pytest.fixture(scope="module")
 def head() -> Iterator[Head]:
     temp = Path(tempfile.mkdtemp(prefix="lpo-ray-", dir="/tmp"))  # short: Ray's unix sockets live here
-    gcs, dash, metrics, agent, agent_grpc, client, node, objm = _free_ports(8)
+    gcs, dash, metrics, agent, agent_grpc, client, node, objm = free_ports(8)
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is the project venv's
@@ -141,10 +68,10 @@ def head() -> Iterator[Head]:
     url = f"http://127.0.0.1:{dash}"
 
     def ready() -> bool:
-        return bool(_get(f"{url}/api/version")) and _discovery(temp)
+        return bool(get(f"{url}/api/version")) and _discovery(temp)
 
     try:
-        with _service("ray head", cmd, temp / "head.log", ready, 180, marker=str(temp), env=env):
+        with service("ray head", cmd, temp / "head.log", ready, 180, marker=str(temp), env=env):
             yield Head(temp, url, env)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
@@ -157,11 +84,11 @@ def _discovery(temp: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def verifier_service(head: Head) -> Iterator[str]:
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     cmd = [sys.executable, "-m", "services.verifier", "serve", "--port", str(port), "--redis-url", "none"]
     url = f"http://127.0.0.1:{port}"
     log = head.temp_dir / "verifier.log"
-    with _service("verifier service", cmd, log, lambda: _get(f"{url}/healthz"), 120, cwd=REPO, env=head.env):
+    with service("verifier service", cmd, log, lambda: get(f"{url}/healthz"), 120, cwd=REPO, env=head.env):
         yield url
 
 
@@ -181,13 +108,13 @@ def prometheus(head: Head, verifier_service: str) -> Iterator[str]:
     jobs["lpo-verifier"]["static_configs"][0]["targets"] = [verifier_service.removeprefix("http://")]
     conf = head.temp_dir / "prometheus.yml"
     conf.write_text(yaml.safe_dump(cfg))
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     cmd = [
         "prometheus", f"--config.file={conf}", f"--storage.tsdb.path={head.temp_dir / 'tsdb'}",
         f"--web.listen-address=127.0.0.1:{port}",
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    with _service("prometheus", cmd, head.temp_dir / "prometheus.log", lambda: _get(f"{url}/-/ready"), 60):
+    with service("prometheus", cmd, head.temp_dir / "prometheus.log", lambda: get(f"{url}/-/ready"), 60):
         yield url
 
 
@@ -223,7 +150,7 @@ def submitted(head: Head, prometheus: str, verifier_service: str, tmp_path_facto
     # The job's last values reach Prometheus with Ray's next reports and the scrapes after them: wait
     # until every target has been scraped two report intervals after the job ended.
     done = time.time()
-    _wait_for(
+    wait_for(
         "a scrape of every target after the job's last metrics reports",
         lambda: _oldest_latest_scrape(prometheus) >= done + 2 * REPORT_INTERVAL_S,
         timeout_s=60,
@@ -234,7 +161,7 @@ def submitted(head: Head, prometheus: str, verifier_service: str, tmp_path_facto
 def _oldest_latest_scrape(prom: str) -> float:
     """The least recent of the targets' latest scrape times (``timestamp(up)``); 0 before any scrape."""
     params = urllib.parse.urlencode({"query": "min(timestamp(up))"})
-    body = json.loads(_get(f"{prom}/api/v1/query?{params}"))
+    body = json.loads(get(f"{prom}/api/v1/query?{params}"))
     result = body["data"]["result"]
     return float(result[0]["value"][1]) if result else 0.0
 
@@ -257,7 +184,7 @@ def _score_some(url: str) -> None:
 
 def _query_range(prom: str, expr: str, start: float, end: float) -> list[dict]:
     params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": "2s"})
-    body = json.loads(_get(f"{prom}/api/v1/query_range?{params}"))
+    body = json.loads(get(f"{prom}/api/v1/query_range?{params}"))
     assert body["status"] == "success", (expr, body)
     return body["data"]["result"]
 
@@ -323,7 +250,7 @@ def test_gauges_set_once_stay_exported_for_the_whole_run(submitted: Submitted, p
 def test_every_alert_rule_loads_and_evaluates(submitted: Submitted, prometheus: str) -> None:
     shipped = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
     names = {r["alert"] for g in shipped["groups"] for r in g["rules"]}
-    body = json.loads(_get(f"{prometheus}/api/v1/rules"))
+    body = json.loads(get(f"{prometheus}/api/v1/rules"))
     rules = {r["name"]: r for g in body["data"]["groups"] for r in g["rules"]}
     assert set(rules) == names
     for name, rule in rules.items():

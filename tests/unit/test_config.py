@@ -71,6 +71,8 @@ def test_override_values_are_typed() -> None:
         ("data.prompt_template=r1", ["'tiny:countdown' only knows", "prompt_template 'r1'"]),
         ("data.task=sql", ["data.task", "'countdown'", "'math'", "'code'"]),
         ("data.task=code", ["task 'code' needs data.train_path and an evaluation file"]),
+        ('cluster.generator.resources={"GPU": 1}', ["cluster.generator", "GPU=1", "num_cpus/num_gpus"]),
+        ('cluster.learner.resources={"head": -1}', ["cluster.learner", "head=-1", "amount >= 0"]),
     ],
 )
 def test_errors_name_field_value_and_fix(override: str, expected: list[str]) -> None:
