@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -209,3 +210,4 @@ def test_run_spans_two_nodes_and_survives_losing_the_worker_node(tmp_path: Path,
     ):
         time.sleep(0.5)
     assert not any(pids_with_env(MARK, m) for m in (head_mark, worker_mark, worker2_mark))
+    shutil.rmtree(temp, ignore_errors=True)
