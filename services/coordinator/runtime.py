@@ -12,6 +12,7 @@ from typing import Any
 
 from services.common.config import ConfigError, RunConfig
 from services.common.paths import project_cache_dir, set_cache_env
+from services.coordinator.reaper import mark_and_watch
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -121,6 +122,8 @@ def init_ray(cfg: RunConfig) -> bool:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return True
     needed = reserved_cpus(cfg)
+    # Ray's agents outlive a coordinator killed before ray.shutdown(): a watcher ends them (reaper.py).
+    mark_and_watch()
     # Logical CPUs: on a small machine the stages take turns (sync) or share cores (async).
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     ray.init(
