@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from services.coordinator.reaper import marked
 from tests.e2e.processes import pids_with_env, spawn, wait_for
 
 pytestmark = pytest.mark.slow
@@ -34,13 +35,11 @@ def _cmdline(pid: int) -> str:
 
 
 def _left(marker: str) -> dict[int, str]:
-    """The run's live processes other than its Redis, by PID, with their command lines."""
+    """The run's live processes (the marker in their environment, or a marked ancestor) other than its
+    Redis, by PID, with their command lines."""
     out = {}
-    for pid in pids_with_env(MARK, marker):
+    for pid in marked(marker, var=MARK):
         cmd = _cmdline(pid)
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue  # a zombie holds nothing; only its parent can reap it
         if cmd and "redis-server" not in cmd:
             out[pid] = cmd[:120]
     return out

@@ -8,7 +8,7 @@ import subprocess
 import threading
 import uuid
 
-from services.coordinator.reaper import TOKEN_VAR, marked, reap, wait_for_exit
+from services.coordinator.reaper import TOKEN_VAR, marked, reap, watch
 
 
 def _spawn(token: str, script: str) -> subprocess.Popen:
@@ -32,14 +32,25 @@ def test_reap_ends_the_marked_processes_and_only_them() -> None:
             proc.wait()
 
 
-def test_wait_for_exit_returns_when_the_process_ends() -> None:
-    proc = subprocess.Popen(["sleep", "600"])
+def test_watch_returns_when_the_parent_ends_and_remembers_the_marked() -> None:
+    token = uuid.uuid4().hex
+    parent = subprocess.Popen(["sleep", "600"])
+    child = _spawn(token, "exec sleep 600")
+    result: dict = {}
     done = threading.Event()
-    waiter = threading.Thread(target=lambda: (wait_for_exit(proc.pid), done.set()))
+    waiter = threading.Thread(
+        target=lambda: (result.update(watch(parent.pid, token, refresh_s=0.05)), done.set())
+    )
     waiter.start()
-    assert not done.wait(0.3)  # still running: the waiter blocks
-    proc.kill()
-    proc.wait()
-    assert done.wait(10)
-    waiter.join()
-    wait_for_exit(proc.pid)  # an already-gone process returns at once
+    try:
+        assert not done.wait(0.5)  # the parent runs: the watcher blocks
+        parent.kill()
+        parent.wait()
+        assert done.wait(10)
+        waiter.join()
+        assert child.pid in result  # remembered while the parent lived
+        assert watch(parent.pid, token) == {}  # an already-gone parent returns at once
+    finally:
+        for proc in (parent, child):
+            proc.kill()
+            proc.wait()
