@@ -14,7 +14,8 @@ Prometheus would scrape.
 The verdicts: for each resource, the least-squares slope per hour after the warm-up and the ratio of its
 mean over the last window to its mean over the first window after the warm-up (warm-up and windows are a
 sixth of the run: 10 minutes each for 60); the step-time median of those two windows; 0 lost and 0
-duplicates in the ledger; the samples where the learner's gauge was missing while the coordinator was up;
+duplicates in the ledger; the gaps in the learner's gauge (samples where it was missing between its first
+and last appearance under one coordinator);
 after each fault and at the end, the run's processes left over (zombies counted too).
 
     python bench/soak.py --minutes 60                  # the committed record: bench/results/soak.json, .png
@@ -41,7 +42,7 @@ from pathlib import Path
 
 from common import ASYNC_CORES, REPO, RESULTS
 
-from services.common.redis_server import EmbeddedRedis
+from services.common.redis_server import EmbeddedRedis, free_port
 from services.coordinator.reaper import marked
 
 MARK = "LPO_SOAK_MARKER"
@@ -100,16 +101,6 @@ def _dir_bytes(path: Path) -> int:
     return total
 
 
-def _metrics_port(procs: list[dict]) -> int | None:
-    for p in procs:
-        if p["kind"] == "ray-core":
-            with contextlib.suppress(OSError):
-                for arg in Path(f"/proc/{p['pid']}/cmdline").read_bytes().split(b"\0"):
-                    if arg.startswith((b"--metrics-export-port=", b"--metrics_export_port=")):
-                        return int(arg.split(b"=", 1)[1])
-    return None
-
-
 def _gauge_present(port: int | None) -> bool | None:
     if port is None:
         return None
@@ -138,6 +129,7 @@ class Soak:
         self.redis = EmbeddedRedis(appendonly=True, data_dir=work / "redis").start()
         self.proc: subprocess.Popen | None = None
         self.log = work / "coordinator.log"
+        self.metrics_port = free_port()  # the embedded Ray's Prometheus endpoint, kept across the resume
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 2)
@@ -163,6 +155,7 @@ class Soak:
             "--set", "coordinator.eval_k=1",
             "--set", f"learner.checkpoint_every={self.args.checkpoint_every}",
             "--set", f"queue.redis_url={self.redis.url}", "--set", "queue.claim_idle_ms=3000",
+            "--set", f"metrics.export_port={self.metrics_port}",
             "--set", f"coordinator.runs_dir={self.run_dir.parent}",
             "--set", f"coordinator.run_name={self.run_dir.name}",
         ]  # fmt: skip
@@ -216,7 +209,7 @@ class Soak:
                 "steps": seen_steps,
                 "step_s": [round(s["step_s"], 4) for s in new],
                 "coordinator_up": up,
-                "learner_gauge": _gauge_present(_metrics_port(procs)) if up else None,
+                "learner_gauge": _gauge_present(self.metrics_port) if up else None,
             }
             for p in procs:
                 sample["rss_mb"][p["kind"]] = round(sample["rss_mb"].get(p["kind"], 0.0) + p["rss_mb"], 2)
@@ -401,9 +394,26 @@ def analyse(result: dict) -> dict:
     out["step_s_last_over_first"] = (
         round(med["last"] / med["first"], 3) if med["first"] and med["last"] else None
     )
-    up = [s for s in result["samples"] if s["coordinator_up"] and s["learner_gauge"] is not None]
-    out["learner_gauge_samples"] = len(up)
-    out["learner_gauge_missing"] = sum(1 for s in up if not s["learner_gauge"])
+    # The gauge appears one Ray report interval after the learner first sets it and goes with the run, so
+    # a gap is a missing sample between the first and the last present one of a coordinator's lifetime.
+    segments, current = [], []
+    for sample in result["samples"]:
+        if sample["learner_gauge"] is None:
+            if current:
+                segments.append(current)
+            current = []
+        else:
+            current.append(sample["learner_gauge"])
+    if current:
+        segments.append(current)
+    gaps = 0
+    for seg in segments:
+        present = [i for i, v in enumerate(seg) if v]
+        if present:
+            gaps += sum(1 for v in seg[present[0] : present[-1] + 1] if not v)
+    out["learner_gauge_samples"] = sum(len(seg) for seg in segments)
+    out["learner_gauge_present"] = sum(sum(seg) for seg in segments)
+    out["learner_gauge_gaps"] = gaps
     return out
 
 

@@ -367,6 +367,10 @@ class MetricsConfig(_Section):
     """Export metrics through ray.util.metrics (Prometheus via Ray's metrics agent)."""
     poll_s: float = Field(5.0, gt=0.0, le=3600.0)
     """Seconds between the coordinator's readings of queue depths and generator liveness."""
+    export_port: int | None = Field(None, ge=1, le=65535)
+    """Port of the Prometheus endpoint (``/metrics``) of a Ray that the run starts itself, so a scraper can
+    be pointed at it (None: Ray picks one). A joined cluster's nodes export on the port their ``ray start
+    --metrics-export-port`` gave them."""
 
 
 class ActorResources(_Section):

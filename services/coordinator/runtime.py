@@ -129,6 +129,7 @@ def init_ray(cfg: RunConfig) -> bool:
     ray.init(
         num_cpus=max(int(needed + 0.999), os.cpu_count() or 1),
         include_dashboard=False,
+        _metrics_export_port=cfg.metrics.export_port,
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )
