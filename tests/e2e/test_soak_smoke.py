@@ -2,7 +2,7 @@
 each kind (generator SIGKILL, verifier SIGKILL, Redis restart, coordinator SIGKILL + ``--resume``), sampled
 every 2 s. Everything is accounted for (0 lost, 0 duplicates), every fault is recovered from, no process of
 the run outlives a fault or the run, and the learner's gauge is on the Prometheus endpoint while the run
-steps. The committed record is the 60-minute run (bench/results/soak.json)."""
+steps. The record the issue asks for is the 60-minute run (``make bench-soak``)."""
 
 from __future__ import annotations
 
