@@ -197,6 +197,10 @@ def run_project(mode: str, steps: int, warmup: int, tmp: Path) -> dict:
     learner = {
         k: statistics.median(s[k] for s in steps_log) for k in ("proximal_s", "update_s") if k in steps_log[0]
     }
+    # inside the collect phase: the generator's busy seconds (weight load + sampling) and the verifier's
+    actors = {
+        k: statistics.median(s[k] for s in steps_log) for k in ("generate_s", "verify_s") if k in steps_log[0]
+    }
     return _summary(
         f"project-{mode}",
         [s["step_s"] for s in steps_log],
@@ -204,7 +208,7 @@ def run_project(mode: str, steps: int, warmup: int, tmp: Path) -> dict:
         cpu,
         wall,
         steps,
-        {"phase_s": phases, "learner_s": learner},
+        {"phase_s": phases, "learner_s": learner, "actor_s": actors},
     )
 
 
