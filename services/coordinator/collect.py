@@ -17,9 +17,19 @@ from services.common.messages import ResponseGroup
 from services.common.queue import QueueEntry, StreamQueue, entry_order
 from services.coordinator.admission import policy_lag
 from services.coordinator.intake import GroupIntake
+from services.coordinator.tasks import admission_index
 from services.coordinator.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
+
+
+def batch_order(entry: QueueEntry) -> tuple[int, int, tuple[int, int]]:
+    """Oldest behaviour version first, then admission order. Not arrival order: with several verifier
+    workers the groups of one generator batch reach ``:groups`` in whichever order they finish scoring,
+    and a batch in a different order sums its gradient in a different order, so runs with the same seeds
+    would drift apart. Ids the coordinator did not make sort after its own, by arrival."""
+    index = admission_index(entry.message.task.task_id)
+    return entry.message.behavior_version, index if index is not None else 2**62, entry_order(entry.entry_id)
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ class Collector:
             else:
                 self.watchdog.check(len(self.buffer), self.want)  # raises RunStalled naming the stuck stage
             self._take(fresh)
-        self.buffer.sort(key=lambda e: (e.message.behavior_version, entry_order(e.entry_id)))
+        self.buffer.sort(key=batch_order)
         take, self.buffer = self.buffer[: self.want], self.buffer[self.want :]
         return StepBatch.of(take, version)
 

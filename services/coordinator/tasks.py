@@ -135,6 +135,17 @@ def rl_exclusions(cfg: RunConfig, heldout: Sequence[Problem]) -> list[Problem]:
     return out
 
 
+def task_id(run_name: str, index: int) -> str:
+    """The id of the run's ``index``-th admitted training task."""
+    return f"{run_name}-t{index}"
+
+
+def admission_index(tid: str) -> int | None:
+    """The admission index of a training task id made by :func:`task_id` (None for any other id)."""
+    head, sep, tail = tid.rpartition("-t")
+    return int(tail) if sep and head and tail.isdigit() else None
+
+
 class TaskSource:
     """Deterministic stream of tasks: task ``i`` is the same on every run with the same config.
 
@@ -162,7 +173,7 @@ class TaskSource:
         p = self._problem(i)
         gen = self.cfg.generator
         return RolloutTask(
-            task_id=f"{self.cfg.coordinator.run_name}-t{i}",
+            task_id=task_id(self.cfg.coordinator.run_name, i),
             prompt_token_ids=self.tokenizer(p.prompt)["input_ids"],
             prompt_text=p.prompt,
             task_kind=self.cfg.data.task,
