@@ -413,8 +413,15 @@ class ObjectStoreWeightTransport:
 
         if self._registry is None:
             if create:
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                # Pinned beside the publisher, which owns the payloads anyway: Ray spreads an actor that
+                # needs no resources over random nodes, and a registry on a rollout node would die with it.
+                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
                 actor_cls = ray.remote(num_cpus=0)(WeightRegistry)
-                self._registry = actor_cls.options(name=self.actor_name, get_if_exists=True).remote()
+                self._registry = actor_cls.options(
+                    name=self.actor_name, get_if_exists=True, scheduling_strategy=here
+                ).remote()
             else:
                 try:
                     self._registry = ray.get_actor(self.actor_name)

@@ -59,7 +59,9 @@ class Coordinator:
         self.metrics = Metrics(c.run_name, enabled=cfg.metrics.enabled)
         self.exporter = StepExporter(self.metrics, c.max_policy_lag)
         self.intake = GroupIntake(c.max_policy_lag)
-        watchdog = Watchdog(self.queue, rt.generators, rt.verifiers, c.stall_timeout_s)
+        watchdog = Watchdog(
+            self.queue, rt.generators, rt.verifiers, c.stall_timeout_s, loop_failures=rt.loop_failures
+        )
         self.collector = Collector(
             self.queue, self.ledger, self.intake, watchdog, c.prompts_per_step, self.admit
         )

@@ -242,6 +242,30 @@ class Runtime:
         self.loops = [a.run.remote() for a in self.generators + self.verifiers]
         return self.loops
 
+    def loop_failures(self) -> list[str]:
+        """``"generator-0: <error>"`` for each live actor whose loop has ended with an error (a loop only
+        ends on ``stop``)."""
+        import ray
+
+        if not self.loops:
+            return []
+        names = [f"generator-{i}" for i in range(len(self.generators))]
+        names += [f"verifier-{i}" for i in range(len(self.verifiers))]
+        ended, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
+        failures = []
+        for name, ref in zip(names, self.loops, strict=True):
+            if ref not in ended:
+                continue
+            try:
+                ray.get(ref)
+            except ray.exceptions.ActorDiedError:
+                continue  # Ray gave up restarting it: the watchdog's states cover a dead stage
+            except ray.exceptions.RayError as exc:
+                cause = getattr(exc, "cause", None) or exc
+                last = (str(cause).strip().splitlines() or [""])[-1][:500]
+                failures.append(f"{name}: {type(cause).__name__}: {last}")
+        return failures
+
     def stop(self) -> None:
         import ray
 

@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 class RunStalled(RuntimeError):
-    """No progress for ``coordinator.stall_timeout_s``, or a whole stage's actors are dead."""
+    """No progress for ``coordinator.stall_timeout_s``, a whole stage's actors dead, or an actor's loop ended
+    with an error."""
 
 
 class Watchdog:
@@ -30,9 +31,12 @@ class Watchdog:
         every_s: float = 10.0,
         states: Callable[[list[Any]], list[str]] = actor_states,
         clock: Callable[[], float] = time.monotonic,
+        loop_failures: Callable[[], list[str]] = list,
     ) -> None:
-        """``states`` gives each actor's state; ``clock`` (seconds) is what the timeouts are measured on."""
+        """``states`` gives each actor's state; ``clock`` (seconds) is what the timeouts are measured on;
+        ``loop_failures`` names the actors whose loop has ended with an error (``Runtime.loop_failures``)."""
         self.queue, self.generators, self.verifiers = queue, generators, verifiers
+        self.loop_failures = loop_failures
         self.timeout_s, self.every_s, self.states, self.clock = timeout_s, every_s, states, clock
         self._last_progress = self._last_check = clock()
 
@@ -44,6 +48,11 @@ class Watchdog:
         if now - self._last_check < min(self.every_s, self.timeout_s):
             return
         self._last_check = now
+        # An exception in a loop ends it on a live actor (Ray restarts crashed processes, not raised
+        # errors): the actor still answers, so without this the run would only stall, silently.
+        failures = self.loop_failures()
+        if failures:
+            raise RunStalled("an actor's loop ended with an error: " + "; ".join(failures))
         gens, vers = self.states(self.generators), self.states(self.verifiers)
         for name, states in (("generator", gens), ("verifier", vers)):
             if states and all(s == "dead" for s in states):

@@ -160,6 +160,8 @@ def test_run_spans_two_nodes_and_survives_losing_the_worker_node(tmp_path: Path,
         assert _actor_pids("LearnerRank", head_mark) and not _actor_pids("LearnerRank", worker_mark)
         gen, ver = _actor_pids("GeneratorActor", worker_mark), _actor_pids("VerifierActor", worker_mark)
         assert gen and ver and not _actor_pids("GeneratorActor", head_mark), (gen, ver)
+        # The weight registry needs no resources; it lives beside its publisher, not on the node to be lost.
+        assert _actor_pids("WeightRegistry", head_mark) and not _actor_pids("WeightRegistry", worker_mark)
 
         victims = pids_with_env(MARK, worker_mark)
         for pid in victims:

@@ -90,3 +90,24 @@ def test_a_whole_dead_stage_fails_at_once() -> None:
         dog.check(0, 16)
     # One may be restarting: no failure while any of the stage is not dead.
     _dog(_Backlog(), ["dead", "unresponsive"], ["alive"], clock, timeout_s=3600).check(0, 16)
+
+
+def test_a_loop_that_ended_with_an_error_fails_the_run_at_once() -> None:
+    """A generator whose loop raised is still alive and answers: the watchdog names it at its first check,
+    long before the stall timeout."""
+    clock = _Clock()
+    failures: list[str] = []
+    dog = Watchdog(
+        _Backlog(tasks=16),  # type: ignore[arg-type]
+        ["g"],
+        ["v"],
+        600.0,
+        every_s=0.0,
+        states=lambda actors: ["alive"],
+        clock=clock,
+        loop_failures=lambda: failures,
+    )
+    dog.check(0, 16)  # every loop running: nothing
+    failures.append("generator-0: SnapshotMissingError: no weight registry actor")
+    with pytest.raises(RunStalled, match="generator-0: SnapshotMissingError"):
+        dog.check(0, 16)
