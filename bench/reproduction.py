@@ -227,9 +227,10 @@ def _commit() -> str:
 # ---------------------------------------------------------------------------------------------- analysis
 
 
-def interval(diffs: list[float], seed: int = 0, resamples: int = 10_000) -> dict:
+def interval(diffs: list[float], seed: int = 0, resamples: int = 10_000, outcome: bool = True) -> dict:
     """Mean of paired differences with a 95 % t interval and a 95 % percentile-bootstrap interval, and the
-    verdict: ``win``/``loss`` where the t interval excludes 0, ``tie`` otherwise."""
+    verdict: ``win``/``loss`` where the t interval excludes 0, ``tie`` otherwise. A diagnostic (``outcome``
+    False: drift, gradient norm, entropy, ...) is neither good nor bad: ``higher``/``lower``/``tie``."""
     import numpy as np
 
     n = len(diffs)
@@ -242,7 +243,8 @@ def interval(diffs: list[float], seed: int = 0, resamples: int = 10_000) -> dict
     rng = np.random.default_rng(seed)
     boot = rng.choice(np.asarray(diffs), size=(resamples, n), replace=True).mean(axis=1)
     b_lo, b_hi = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
-    result = "win" if lo > 0 else ("loss" if hi < 0 else "tie")
+    up, down = ("win", "loss") if outcome else ("higher", "lower")
+    result = up if lo > 0 else (down if hi < 0 else "tie")
     return {"n": n, "mean": mean, "t95": [lo, hi], "boot95": [b_lo, b_hi], "result": result}
 
 
@@ -297,7 +299,8 @@ def analyse(runs: list[dict]) -> dict:
             continue
         metrics = [k for k in by[(setting, seeds[0])] if k in by[(base, seeds[0])]]
         paired[f"{setting} - {base}"] = {
-            k: interval([by[(setting, s)][k] - by[(base, s)][k] for s in seeds]) for k in metrics
+            k: interval([by[(setting, s)][k] - by[(base, s)][k] for s in seeds], outcome="pass@" in k)
+            for k in metrics
         }
     return {"table": table, "paired": paired}
 

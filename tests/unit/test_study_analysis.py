@@ -22,6 +22,9 @@ def test_interval_is_the_t_interval_and_calls_a_win_only_when_it_excludes_zero()
     assert win["result"] == "win" and win["t95"][0] > 0 and win["boot95"][0] > 0
     assert reproduction.interval([-0.02, -0.021, -0.019])["result"] == "loss"
     assert reproduction.interval([0.5])["result"] == "n<2"
+    # a diagnostic (drift, gradient norm) that differs is neither a win nor a loss
+    assert reproduction.interval([-0.02, -0.021, -0.019], outcome=False)["result"] == "lower"
+    assert reproduction.interval([0.02, 0.021, 0.019], outcome=False)["result"] == "higher"
 
 
 def test_auc_is_the_mean_of_the_curve_over_steps() -> None:
@@ -55,8 +58,22 @@ def test_analyse_pairs_each_setting_with_pg_of_the_same_seed_and_conditions() ->
         for s, seed, p in [("pg/u1/lag0", 0, 0.40), ("lpo_fwd/u1/lag0", 0, 0.42), ("pg/u1/lag0", 1, 0.35),
                            ("lpo_fwd/u1/lag0", 1, 0.38), ("lpo_fwd/u4/lag2", 0, 0.5)]
     ]  # fmt: skip
+    for run, drift in zip(runs, [0.1, 0.2, 0.1, 0.3, 0.1], strict=True):
+        run["per_step"] = {"drift": [drift]}
     out = reproduction.analyse(runs)
     pair = out["paired"]["lpo_fwd/u1/lag0 - pg/u1/lag0"]["cd234/pass@1"]
     assert pair["n"] == 2 and pair["mean"] == pytest.approx(0.025)
     assert "lpo_fwd/u4/lag2 - pg/u4/lag2" not in out["paired"]  # no PG run of those conditions
     assert out["table"]["pg/u1/lag0"]["cd234/pass@1"]["mean"] == pytest.approx(0.375)
+    drift = out["paired"]["lpo_fwd/u1/lag0 - pg/u1/lag0"]["mean_drift"]
+    assert drift["mean"] == pytest.approx(0.15) and drift["result"] == "tie"  # 0.1 and 0.2: t interval wide
+
+
+def test_the_default_run_check_needs_both_the_pass1_gain_and_no_pass8_loss() -> None:
+    import seed_runs
+
+    base = {"1": 0.230, "8": 0.566}
+    assert seed_runs._check(base, {"1": 0.327, "8": 0.580})["meets"]
+    lost_pass8 = seed_runs._check(base, {"1": 0.327, "8": 0.562})
+    assert not lost_pass8["meets"] and lost_pass8["pass8_gain"] == pytest.approx(-0.004)
+    assert not seed_runs._check(base, {"1": 0.270, "8": 0.600})["meets"]  # Pass@1 gain 0.04 < 0.05
