@@ -23,7 +23,9 @@ def test_a_fresh_run_over_an_old_runs_keys_is_refused(
                             "metrics.enabled=false", "coordinator.eval_problems=4"])  # fmt: skip
     # The coordinator's own view of the services, without starting Ray or any actor: only Redis is used
     # before the check.
-    rt = SimpleNamespace(redis_url=redis_server.url, model_dir=tiny_model_dir, generators=[], verifiers=[])
+    rt = SimpleNamespace(
+        redis_url=redis_server.url, model_dir=tiny_model_dir, generators=[], verifiers=[], loop_failures=list
+    )
     Coordinator(cfg, rt, RunDir(cfg))  # nothing there yet: accepted
     q = StreamQueue(redis_server.url, "guard")
     q.transaction("seed", RunLedger(q).admitting(["guard-t0"], cursor=1))  # an earlier run admitted a task
