@@ -95,12 +95,13 @@ bench: $(addprefix bench-,$(BENCHES))
 
 # The LPO-vs-PG study (docs/RESULTS.md): the validation grid, then the powered study and the drift
 # dose-response at the grid's learning rates. Hours to days on 2 cores; each stage resumes where it stopped.
+GRIDS := bench/results/reproduction_grid.json bench/results/reproduction_grid_lpo_rev.json
 bench-reproduction: setup
-	$(PY) bench/reproduction.py --study grid --seeds 0 1 2 --eval-every 30 --resume
-	$(PY) bench/reproduction.py --study powered --lr-from bench/results/reproduction_grid.json \
-	  --seeds 0 1 2 3 4 5 6 7 8 9 --resume
-	$(PY) bench/reproduction.py --study drift --lr-from bench/results/reproduction_grid.json \
-	  --seeds 0 1 2 3 4 --resume
+	$(PY) bench/reproduction.py --study grid --objectives pg lpo_fwd --seeds 0 1 2 --eval-every 30 --resume
+	$(PY) bench/reproduction.py --study grid --objectives lpo_rev --seeds 0 1 2 --eval-every 30 \
+	  --name reproduction_grid_lpo_rev --resume
+	$(PY) bench/reproduction.py --study powered --lr-from $(GRIDS) --seeds 0 1 2 3 4 5 6 7 8 9 --resume
+	$(PY) bench/reproduction.py --study drift --lr-from $(GRIDS) --seeds 0 1 2 3 4 --resume
 
 # TRL's GRPOTrainer against the project's loops (its own environment in .bench/, built on first use).
 bench-peer: setup

@@ -16,10 +16,10 @@ Studies (``--study``):
               the highest mean ``val`` Pass@1 among those whose mean ``val`` Pass@8 is at least the base
               model's; the default run is the best of those over objectives.
 ``powered``   ``pg``, ``lpo_fwd``, ``lpo_rev`` at the GRPO temperature, each at its ``grid`` learning
-              rate (``--lr-from``), >= 10 seeds, evaluated on ``cd234``, ``cd34``, ``cd4`` (512 problems
-              x 16 samples each). Reports for each metric the paired LPO-minus-PG mean difference with a
-              95 % t interval and a bootstrap interval over seeds: "win"/"loss" only where the interval
-              excludes 0, "tie" otherwise; also the area under the Pass@1 curve.
+              rate (``--lr-from``, one or more grid files), >= 10 seeds, evaluated on ``cd234``, ``cd34``,
+              ``cd4`` (512 problems x 16 samples each). Reports for each metric the paired LPO-minus-PG
+              mean difference with a 95 % t interval and a bootstrap interval over seeds: "win"/"loss"
+              only where the interval excludes 0, "tie" otherwise; also the area under the Pass@1 curve.
 ``drift``     dose-response on policy drift: the three objectives at ``updates_per_batch`` 1 and 4 and
               ``max_policy_lag`` 0 and 2, >= 5 seeds, with the drift the learner measures per update
               (mean |s_theta - s_t|, mean |s_theta|, KL(P_t || P_theta)); the LPO-minus-PG gap against it.
@@ -84,7 +84,9 @@ def settings(args: argparse.Namespace) -> dict[str, list[str]]:
             for obj in args.objectives
             for lr in args.lrs
         }
-    lrs = _chosen_lrs(args.lr_from) if args.lr_from else dict.fromkeys(OBJECTIVES, args.lrs[0])
+    lrs = dict.fromkeys(OBJECTIVES, args.lrs[0])
+    if args.lr_from:
+        lrs = _chosen_lrs(args.lr_from, args.objectives)
     if args.study == "powered":
         sets = eval_sets({"cd234", "cd34", "cd4"}, **size)
         return {
@@ -107,9 +109,24 @@ def settings(args: argparse.Namespace) -> dict[str, list[str]]:
     return out
 
 
-def _chosen_lrs(path: str) -> dict[str, float]:
-    chosen = json.loads(Path(path).read_text())["selection"]["per_objective"]
-    return {obj: chosen[obj]["lr"] for obj in OBJECTIVES if obj in chosen}
+def _chosen_lrs(paths: list[str], wanted: list[str]) -> dict[str, float]:
+    """Each objective's learning rate from the grids' selections. An objective may have its own grid file
+    (a grid extended to a new objective later runs at later code and cannot resume the first file); one
+    chosen by two files, or by none, is an error."""
+    lrs: dict[str, float] = {}
+    for path in paths:
+        chosen = json.loads(Path(path).read_text())["selection"]["per_objective"]
+        for obj, row in chosen.items():
+            if obj in lrs:
+                raise SystemExit(f"--lr-from: {obj} is chosen by more than one grid file ({path})")
+            lrs[obj] = row["lr"]
+    missing = [obj for obj in wanted if obj not in lrs]
+    if missing:
+        raise SystemExit(
+            f"--lr-from: no grid file chooses a learning rate for {missing}; run "
+            f"`bench/reproduction.py --study grid --objectives {' '.join(missing)} --name <file>` first"
+        )
+    return lrs
 
 
 def main() -> None:
@@ -119,7 +136,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-5, 1e-4, 2e-4])
-    parser.add_argument("--lr-from", default=None, help="grid JSON whose selection gives each objective's lr")
+    parser.add_argument(
+        "--lr-from", nargs="+", default=None, help="grid JSONs whose selections give each objective's lr"
+    )
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     parser.add_argument(
         "--eval-size",
@@ -149,20 +168,20 @@ def main() -> None:
         if previous["steps"] != args.steps:
             raise SystemExit(f"{out} holds {previous['steps']}-step runs, not {args.steps}")
         runs = previous["runs"]
-        commits = {r.get("commit") for r in runs}
-        if commits != {_commit()}:
-            raise SystemExit(
-                f"{out} holds runs of code {sorted(map(str, commits))}, this checkout's is {_commit()}: "
-                "paired runs must share the code; resume from a commit with that code or start afresh"
-            )
     plan = settings(args)
     done = {(r["setting"], r["seed"]) for r in runs}
+    todo = [(seed, setting) for seed in args.seeds for setting in plan if (setting, seed) not in done]
+    commits = {r.get("commit") for r in runs}
+    if todo and runs and commits != {_commit()}:
+        # A complete study is only reported again; one with runs left must add them at the same code.
+        raise SystemExit(
+            f"{out} holds runs of code {sorted(map(str, commits))}, this checkout's is {_commit()}: "
+            "paired runs must share the code; resume from a commit with that code or start afresh"
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:  # seed-major: an interrupted study still has complete pairs
-            for setting, overrides in plan.items():
-                if (setting, seed) not in done:
-                    runs.append(_run(setting, [*COMMON, *overrides, *args.extra], seed, args, Path(tmp)))
-                    _save(name, args, runs, len(plan) * len(args.seeds))
+        for seed, setting in todo:  # seed-major: an interrupted study still has complete pairs
+            runs.append(_run(setting, [*COMMON, *plan[setting], *args.extra], seed, args, Path(tmp)))
+            _save(name, args, runs, len(plan) * len(args.seeds))
     _save(name, args, runs, len(plan) * len(args.seeds))
     print(markdown(json.loads(out.read_text())))
 

@@ -77,3 +77,22 @@ def test_the_default_run_check_needs_both_the_pass1_gain_and_no_pass8_loss() -> 
     lost_pass8 = seed_runs._check(base, {"1": 0.327, "8": 0.562})
     assert not lost_pass8["meets"] and lost_pass8["pass8_gain"] == pytest.approx(-0.004)
     assert not seed_runs._check(base, {"1": 0.270, "8": 0.600})["meets"]  # Pass@1 gain 0.04 < 0.05
+
+
+def test_learning_rates_come_from_several_grid_files_each_objective_once(tmp_path: Path) -> None:
+    import json
+
+    def grid(name: str, chosen: dict[str, float]) -> str:
+        path = tmp_path / name
+        per = {obj: {"lr": lr, "objective": obj} for obj, lr in chosen.items()}
+        path.write_text(json.dumps({"selection": {"per_objective": per}}))
+        return str(path)
+
+    first, rev = grid("a.json", {"pg": 5e-5, "lpo_fwd": 1e-4}), grid("b.json", {"lpo_rev": 2e-4})
+    assert reproduction._chosen_lrs([first, rev], ["pg", "lpo_fwd", "lpo_rev"]) == {
+        "pg": 5e-5, "lpo_fwd": 1e-4, "lpo_rev": 2e-4
+    }  # fmt: skip
+    with pytest.raises(SystemExit, match=r"no grid file chooses a learning rate for \['lpo_rev'\]"):
+        reproduction._chosen_lrs([first], ["pg", "lpo_rev"])
+    with pytest.raises(SystemExit, match="pg is chosen by more than one grid file"):
+        reproduction._chosen_lrs([first, grid("c.json", {"pg": 1e-4})], ["pg"])
