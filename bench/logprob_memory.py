@@ -13,7 +13,7 @@ logits recomputed in the backward by vocab slices, the head's weight gradient wr
 floor of any path is the head's weight gradient (vocab x hidden x 4 B) plus one chunk of fp32 logits
 (N x vocab x 4 B), reported next to each run.
 
-    python bench/logprob_memory.py [--tokens 2048] [--vocab 151936] [--hidden 896]
+    python bench/logprob_memory.py [--tokens 2048] [--vocab 151936] [--hidden 896] [--rounds 3]
 
 writes ``bench/results/logprob_memory.json``.
 """
@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import REPO, write_result  # bench/common.py (puts the repository on sys.path)
+from common import REPO, RESULTS  # bench/common.py (puts the repository on sys.path)
 
 from services.learner.logprobs import DEFAULT_CHUNK_TOKENS
 
@@ -116,18 +117,37 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--hidden", type=int, default=896)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every mode; the median is reported")
+    parser.add_argument("--out", type=Path, default=RESULTS / "logprob_memory.json", help="the JSON written")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_measure(args.child, args.tokens, args.vocab, args.hidden)))
         return
+    # Rounds of every mode in turn, each in a fresh process: the machine's speed drifts over minutes, and
+    # interleaving puts that drift on every mode alike; the median round is reported.
+    samples: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    for _ in range(args.rounds):
+        for mode in MODES:
+            cmd = [sys.executable, __file__, "--child", mode]
+            cmd += ["--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
+            out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
+            samples[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(samples[mode][-1], flush=True)
     runs = []
     for mode in MODES:
-        cmd = [sys.executable, __file__, "--child", mode]
-        cmd += ["--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
-        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(runs[-1])
+        rounds = samples[mode]
+        runs.append(
+            {
+                "mode": mode,
+                "peak_added_mib": statistics.median(r["peak_added_mib"] for r in rounds),
+                "seconds": statistics.median(r["seconds"] for r in rounds),
+                "cpu_seconds": statistics.median(r["cpu_seconds"] for r in rounds),
+                "seconds_rounds": [r["seconds"] for r in rounds],
+                "peak_added_mib_rounds": [r["peak_added_mib"] for r in rounds],
+                "logp_sum": rounds[0]["logp_sum"],
+            }
+        )
     naive = runs[0]
     head_grad_mib = args.vocab * args.hidden * 4 / 2**20  # the head's fp32 weight gradient
 
@@ -144,20 +164,20 @@ def main() -> None:
         # Same maths: the sums of log-probs agree to float32 rounding.
         assert abs(r["logp_sum"] - naive["logp_sum"]) <= 1e-4 * abs(naive["logp_sum"]), (r, naive)
     logits_mib = args.tokens * args.vocab * 4 / 2**20
-    path = write_result(
-        "logprob_memory",
-        {
-            "tokens": args.tokens,
-            "vocab": args.vocab,
-            "hidden": args.hidden,
-            "device": "cpu",
-            "fp32_logits_mib": round(logits_mib, 1),
-            "head_weight_grad_mib": round(head_grad_mib, 1),
-            "default_chunk_tokens": DEFAULT_CHUNK_TOKENS,
-            "runs": runs,
-        },
-    )
-    print(f"wrote {path}")
+    payload = {
+        "tokens": args.tokens,
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "device": "cpu",
+        "fp32_logits_mib": round(logits_mib, 1),
+        "head_weight_grad_mib": round(head_grad_mib, 1),
+        "default_chunk_tokens": DEFAULT_CHUNK_TOKENS,
+        "rounds": args.rounds,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
