@@ -227,7 +227,12 @@ def test_a_running_execution_is_invisible_to_another(backend: str) -> None:
 
 
 LEAVE_BEHIND = (
-    "import os, subprocess\n"
+    "import os, socket, subprocess\n"
+    # sockets that outlive the program: a TIME_WAIT connection on loopback, and an abstract unix listener
+    # held by the detached processes below
+    "l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen()\n"
+    "c = socket.create_connection(l.getsockname()); a, _ = l.accept(); c.close(); a.close(); l.close()\n"
+    "u = socket.socket(socket.AF_UNIX); u.bind(b'\\0lpo-{marker}'); u.listen(); u.set_inheritable(True)\n"
     "for path in ('left.txt', '/tmp/left.txt', os.path.expanduser('~/left.txt'), '/dev/shm/left.txt'):\n"
     "    try:\n        open(path, 'w').write('{marker}')\n    except OSError:\n        pass\n"
     "subprocess.Popen(['/usr/bin/sleep', '{marker}'], start_new_session=True)\n"
@@ -235,9 +240,16 @@ LEAVE_BEHIND = (
     "print('left')"
 )
 FIND_LEFTOVERS = (
-    "import glob, os\n"
+    "import glob, os, socket\n"
     "found = []\n"
     "marker = '{marker}'.replace('#', '')  # so that this program's own source does not match\n"
+    "for name in ('tcp', 'tcp6', 'udp', 'udp6', 'unix', 'raw', 'raw6', 'packet'):\n"
+    "    found += [name + ': ' + l for l in open('/proc/net/' + name).read().splitlines()[1:]]\n"
+    "lo = next(l for l in open('/proc/net/dev') if l.strip().startswith('lo:')).split(':')[1].split()\n"
+    "if int(lo[1]) or int(lo[9]):\n    found.append('lo packets ' + lo[1] + ' ' + lo[9])\n"
+    "s = socket.socket(socket.AF_UNIX)\n"
+    "try:\n    s.connect(b'\\0lpo-' + marker.encode()); found.append('abstract socket')\n"
+    "except OSError:\n    pass\n"
     "paths = glob.glob('*') + glob.glob('/tmp/*') + glob.glob(os.path.expanduser('~/*'))\n"
     "paths += glob.glob('/dev/shm/*')\n"
     "for path in paths:\n"
@@ -252,8 +264,10 @@ FIND_LEFTOVERS = (
 
 @pytest.mark.parametrize("backend", ISOLATING)
 def test_nothing_of_an_execution_reaches_the_next(backend: str) -> None:
-    """A program leaves files (work dir, /tmp, HOME, /dev/shm) and detached processes; the next
-    execution, on the same sandbox (and, for the zygote, the same warm interpreter), finds none of it."""
+    """A program leaves files (work dir, /tmp, HOME, /dev/shm), detached processes, a TIME_WAIT connection
+    and an abstract socket; the next execution, on the same sandbox (and, for the zygote, the same warm
+    interpreter and maybe a reused network namespace), finds none of it: no socket of any kind, and lo's
+    counters at zero."""
     marker = f"78.{uuid.uuid4().int % 10**9}"
     cfg = VerifierConfig(sandbox=_config_name(backend), timeout_s=WALL_S, memory_mb=256, max_concurrency=2)
     sandbox = build_backend(backend)

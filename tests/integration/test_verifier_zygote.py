@@ -59,7 +59,7 @@ def test_each_execution_gets_fresh_namespaces_and_no_privilege(zygote: ZygoteSan
     host = {n: os.readlink(f"/proc/self/ns/{n}") for n in NAMESPACES}
     for name in NAMESPACES:
         inodes = {s["ns"][name] for s in seen}
-        assert len(inodes) == len(seen) and host[name] not in inodes, (name, inodes)  # never shared or reused
+        assert len(inodes) == len(seen) and host[name] not in inodes, (name, inodes)  # never shared
     for s in seen:
         assert (s["pid"], s["uid"], s["groups"], s["caps"], s["nnp"]) == (
             1,
@@ -202,6 +202,57 @@ def test_a_dead_zygote_is_replaced_and_the_service_keeps_running() -> None:
         assert state["zygote_starts"] == 2 and state["zygote_pid"] not in (None, first)
     finally:
         box.close()
+
+
+NET_STATE = (
+    "import json, os\n"
+    "lo = next(l for l in open('/proc/net/dev') if l.strip().startswith('lo:')).split(':')[1].split()\n"
+    "snmp = [l.split() for l in open('/proc/net/snmp') if l.startswith('Ip:')]\n"
+    "ip = dict(zip(snmp[0][1:], snmp[1][1:]))\n"
+    "tw = open('/proc/net/sockstat').read().split('tw ')[1].split()[0]\n"
+    "print(json.dumps({'ns': os.readlink('/proc/self/ns/net'), 'lo': [int(lo[1]), int(lo[9])],\n"
+    "    'no_routes': int(ip['OutNoRoutes']), 'tw': int(tw)}))\n"
+)
+USE_LOOPBACK = (
+    "import socket\n"
+    "l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen()\n"
+    "c = socket.create_connection(l.getsockname()); a, _ = l.accept(); c.close(); a.close()\n"
+)
+SEND_WITHOUT_ROUTE = (  # no packet at all, only a counter: the namespace has no route but loopback's
+    "import socket\n"
+    "try:\n    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('192.0.2.1', 9))\n"
+    "except OSError:\n    pass\n"
+)
+
+
+@pytest.mark.parametrize("trace", [USE_LOOPBACK, SEND_WITHOUT_ROUTE], ids=["loopback", "no_route"])
+def test_a_network_namespace_is_reused_only_when_its_run_left_no_trace(
+    zygote: ZygoteSandbox, trace: str
+) -> None:
+    """Runs that never touch the network hand their namespace on (the next run finds it as new); a run that
+    sent a packet or moved a counter has its namespace dropped, and the next run finds no trace of it."""
+
+    def state() -> dict:
+        result = zygote.run(_py(NET_STATE))
+        assert result.status == "ok", result
+        return json.loads(result.stdout)
+
+    def netns() -> dict:
+        return dict(describe(zygote)["netns"])
+
+    first = state()
+    before = netns()
+    second = state()  # sequential runs that used no network: the same namespace, still pristine
+    after_clean = netns()
+    assert second["ns"] == first["ns"] and after_clean["reused"] == before["reused"] + 1, (first, second)
+    assert after_clean["dropped"] == before["dropped"]
+    assert zygote.run(_py(trace)).status == "ok"
+    after_trace = netns()
+    assert after_trace["dropped"] == after_clean["dropped"] + 1, after_trace
+    third = state()
+    assert (third["lo"], third["no_routes"], third["tw"]) == ([0, 0], 0, 0), third
+    for seen in (first, second):
+        assert (seen["lo"], seen["no_routes"], seen["tw"]) == ([0, 0], 0, 0), seen
 
 
 def test_an_execution_cannot_create_a_user_namespace(zygote: ZygoteSandbox) -> None:

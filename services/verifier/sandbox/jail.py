@@ -7,23 +7,24 @@ stdio. So it holds no secret of the service, and it never reads the content of a
 carries only file descriptors (the run's spec in a memfd the service wrote, the stdin read end, the
 stdout/stderr/status write ends) and the run's backstop deadline.
 
-At start-up the zygote joins a fresh session keyring (not the service's). Per message it unshares a new pid
-namespace for its next child, forks, closes its copies (all but the status pipe) and goes back to waiting;
-it reaps each child and writes its exit status on that run's status pipe. The child, used for this one
-execution and gone after it, is pid 1 of the new namespace (as under nsjail), dies with the zygote
+At start-up the zygote joins a fresh session keyring (not the service's). Per message it takes a network
+namespace from its pool (``_NetPool``: loopback only, used by one execution at a time, reused only when
+the last execution left no trace in it), unshares a new pid namespace for its next child, forks, closes
+its copies (all but the status pipe) and goes back to waiting; it reaps each child, checks its network
+namespace and writes the exit status on that run's status pipe. The child, used for this one execution
+and gone after it, is pid 1 of the new namespace (as under nsjail), dies with the zygote
 (``PR_SET_PDEATHSIG``), leads its own session, joins a fresh anonymous session keyring and resets the
-signals CPython ignores. It reads the spec, joins the run's pids and memory cgroups, unshares
-new mount, net, ipc and uts namespaces, builds a fresh root (a tmpfs with read-only, nosuid binds of the
-system directories, ``/dev/{null,zero,random,urandom}``, a fresh ``/proc``, a tmpfs ``/tmp``, the run's
-work dir at ``/work``), ``pivot_root``s into it and detaches the host's tree, sets the hostname, brings
-``lo`` up (the only interface of the new network namespace), closes every descriptor but stdio, sets the
-rlimits, drops to a host uid/gid of this execution's own (65534 inside), with no supplementary groups, in a
-user namespace of its own (``RLIMIT_NPROC`` per execution) that may create no nested user namespace, with
-no capabilities and ``no_new_privs`` (setuid binaries stay
-unprivileged), takes the run's environment only, and runs the program. When ``argv`` asks the zygote's own
-interpreter for a script, ``-c`` or ``-m``, it runs in this already-warm process (a copy-on-write fork of
-the zygote: nothing flows back); any other ``argv`` is ``execve``d in the jail. When it exits the kernel
-kills everything left in its pid namespace.
+signals CPython ignores. It reads the spec, enters its network namespace, joins the run's pids and memory
+cgroups, unshares new mount, ipc and uts namespaces, builds a fresh root (a tmpfs with read-only, nosuid
+binds of the system directories, ``/dev/{null,zero,random,urandom}``, a fresh ``/proc``, a tmpfs
+``/tmp``, the run's work dir at ``/work``), ``pivot_root``s into it and detaches the host's tree, sets
+the hostname, closes every descriptor but stdio, sets the rlimits, drops to a host uid/gid of this
+execution's own (65534 inside), with no supplementary groups, in a user namespace of its own
+(``RLIMIT_NPROC`` per execution) that may create no nested user namespace, with no capabilities and
+``no_new_privs`` (setuid binaries stay unprivileged), takes the run's environment only, and runs the
+program. When ``argv`` asks the zygote's own interpreter for a script, ``-c`` or ``-m``, it runs in this
+already-warm process (a copy-on-write fork of the zygote: nothing flows back); any other ``argv`` is
+``execve``d in the jail. When it exits the kernel kills everything left in its pid namespace.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import fcntl
 import gc
 import json
 import os
+import re
 import resource
 import select
 import signal
@@ -72,6 +74,13 @@ KEYCTL_JOIN_SESSION_KEYRING = 1
 SYSTEM_DIRS = ("/usr", "/bin", "/lib", "/lib64", "/sbin")
 DEVICES = {"null": (1, 3), "zero": (1, 5), "random": (1, 8), "urandom": (1, 9)}
 N_FDS = 5  # spec, stdin, stdout, stderr, status
+# What the kernel keeps of a network namespace's use after its last process is gone, each per namespace:
+# interface counters (any packet on lo), the IP/ICMP/UDP/TCP counters (also errors with no packet, such
+# as a send with no route), live, orphaned and TIME_WAIT sockets and reassembly queues, lingering IPv6
+# flow labels. sockstat's allocation and memory figures are global, not the namespace's: masked.
+NET_TRACES = ("dev", "snmp", "snmp6", "netstat", "sockstat", "sockstat6", "ip6_flowlabel")
+_GLOBAL_FIGURES = re.compile(rb" (alloc|mem|memory) \d+")
+NETNS_KEEP = 32  # free namespaces kept for reuse; more in flight at once are dropped when they end
 _PYTHON_FLAGS = set("IEsSBuq")
 
 CLONE_NEWUSER = 0x10000000
@@ -130,6 +139,85 @@ def _report(fd: int, obj: dict) -> None:
         os.write(fd, (json.dumps(obj) + "\n").encode())
 
 
+def _read_proc(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+class _NetPool:
+    """The jails' network namespaces: loopback only, each in one execution at a time, and reused only
+    when the execution that ended in it left no trace there.
+
+    A new network namespace is the dearest namespace to make and destroy (~1 ms of kernel time per
+    execution here: its sysctl tables are registered, and it is torn down by a kernel worker). The
+    program holds no capability in the namespace's owning user namespace (the initial one), so it cannot
+    change its configuration (interfaces, addresses, routes, sysctls, netfilter); what it can leave there
+    is in ``NET_TRACES``: sockets that outlive their process (TIME_WAIT, orphans), lingering flow labels,
+    and counters that any packet (or failed send) moves. The zygote reads those in the namespace when
+    the execution's last process is gone (the reap of its pid 1 comes after every other process of its
+    pid namespace has exited) and keeps the namespace only if they read exactly as when the namespace was
+    made; otherwise the namespace is dropped and a later execution gets a new one. So a namespace is
+    reused only by executions that never used the network, and the next one finds it as new: no socket,
+    no counter, no state. TCP metrics are never saved in it (``tcp_no_metrics_save``).
+    """
+
+    def __init__(self, keep: int = NETNS_KEEP) -> None:
+        self.own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.keep = keep
+        self.free: list[int] = []
+        self.pristine: dict[int, bytes] = {}  # namespace fd -> its traces as made
+
+    def take(self) -> tuple[int, bool]:
+        """A namespace for one execution, and whether it was reused."""
+        if self.free:
+            return self.free.pop(), True
+        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        try:
+            fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            flags = IFF_UP | IFF_LOOPBACK | IFF_RUNNING
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # lo up: its only interface
+                fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags))
+            _write_proc("/proc/sys/net/ipv4/tcp_no_metrics_save", "1")
+            self.pristine[fd] = self._traces()
+        finally:
+            self._home()
+        return fd, False
+
+    def give_back(self, fd: int) -> bool:
+        """Keep ``fd`` for reuse if its execution left no trace in it (True), else drop it."""
+        kept = False
+        if len(self.free) < self.keep and _libc.setns(fd, CLONE_NEWNET) == 0:
+            try:
+                kept = self._traces() == self.pristine[fd]
+            except OSError:
+                kept = False
+            finally:
+                self._home()
+        if kept:
+            self.free.append(fd)
+        else:
+            del self.pristine[fd]
+            os.close(fd)
+        return kept
+
+    def _home(self) -> None:
+        """Back to the zygote's own network namespace; should that fail, the zygote dies (and is replaced)
+        rather than fork jails from a namespace that is not its own."""
+        _check(_libc.setns(self.own, CLONE_NEWNET), "setns back to the zygote's network namespace")
+
+    @staticmethod
+    def _traces() -> bytes:
+        """The current network namespace's ``NET_TRACES`` (``/proc/thread-self/net`` is the reader's)."""
+        files = (_read_proc(f"/proc/thread-self/net/{name}") for name in NET_TRACES)
+        return b"\0".join(_GLOBAL_FIGURES.sub(b"", text) for text in files)
+
+
 def serve(sock: socket.socket) -> None:
     """The zygote loop: one fork per message, until the service closes its end of the socket.
 
@@ -144,15 +232,16 @@ def serve(sock: socket.socket) -> None:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # the handler only wakes select via wake_w
-    running: dict[int, tuple[int, float]] = {}  # child pid -> (status fd, backstop deadline)
+    nets = _NetPool()
+    running: dict[int, _Run] = {}  # child pid -> its status fd, backstop deadline, network namespace
     while True:
-        _reap(running)
+        _reap(running, nets)
         now = time.monotonic()
-        for pid, (_fd, deadline) in list(running.items()):
-            if deadline <= now:
+        for pid, run in list(running.items()):
+            if run.deadline <= now:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)  # reaped (and reported) on the next round
-        timeout = min((d for _, d in running.values()), default=now + 60.0) - now
+        timeout = min((r.deadline for r in running.values()), default=now + 60.0) - now
         ready, _, _ = select.select([sock, wake_r], [], [], max(timeout, 0.0))
         if wake_r in ready:
             with contextlib.suppress(BlockingIOError):
@@ -167,16 +256,31 @@ def serve(sock: socket.socket) -> None:
             for fd in fds:
                 os.close(fd)
             continue
-        pid = _spawn(fds, own_pid_ns)
+        try:
+            net, reused = nets.take()
+        except OSError as exc:
+            _report(fds[4], {"error": f"zygote could not make a network namespace: {exc}"})
+            for fd in fds:
+                os.close(fd)
+            continue
+        pid = _spawn(fds, net, own_pid_ns)
         for fd in fds[:4]:
             os.close(fd)
         if pid is None:
             os.close(fds[4])
+            nets.give_back(net)
         else:
-            running[pid] = (fds[4], time.monotonic() + float(msg.split()[1]))
+            running[pid] = _Run(fds[4], time.monotonic() + float(msg.split()[1]), net, reused)
 
 
-def _spawn(fds: list[int], own_pid_ns: int) -> int | None:
+class _Run:
+    __slots__ = ("status", "deadline", "net", "reused")
+
+    def __init__(self, status: int, deadline: float, net: int, reused: bool) -> None:
+        self.status, self.deadline, self.net, self.reused = status, deadline, net, reused
+
+
+def _spawn(fds: list[int], net: int, own_pid_ns: int) -> int | None:
     """Fork one jail as pid 1 of a new pid namespace; None (reported on the status pipe) on failure."""
     try:
         _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
@@ -191,7 +295,7 @@ def _spawn(fds: list[int], own_pid_ns: int) -> int | None:
     if pid == 0:
         code = 71
         try:
-            _program(*fds)
+            _program(*fds, net)
         except BaseException as exc:  # fd 3 is the status pipe until the program starts
             _report(3, {"error": f"jail set-up: {type(exc).__name__}: {exc}"})
         finally:
@@ -199,7 +303,7 @@ def _spawn(fds: list[int], own_pid_ns: int) -> int | None:
     return pid
 
 
-def _reap(running: dict[int, tuple[int, float]]) -> None:
+def _reap(running: dict[int, _Run], nets: _NetPool) -> None:
     while running:
         try:
             pid, wstatus = os.waitpid(-1, os.WNOHANG)
@@ -207,14 +311,17 @@ def _reap(running: dict[int, tuple[int, float]]) -> None:
             return
         if pid == 0:
             return
-        entry = running.pop(pid, None)
-        if entry is None:
+        run = running.pop(pid, None)
+        if run is None:
             continue
+        # Every process of the run is gone now (its pid namespace died with its pid 1): what is left in its
+        # network namespace is all it will ever leave there.
+        net = {"netns": "reused" if run.reused else "new", "netns_kept": nets.give_back(run.net)}
         if os.WIFSIGNALED(wstatus):
-            _report(entry[0], {"signal": os.WTERMSIG(wstatus)})
+            _report(run.status, {"signal": os.WTERMSIG(wstatus), **net})
         else:
-            _report(entry[0], {"exit": os.waitstatus_to_exitcode(wstatus)})
-        os.close(entry[0])
+            _report(run.status, {"exit": os.waitstatus_to_exitcode(wstatus), **net})
+        os.close(run.status)
 
 
 def _build_root(root: str, work: str) -> None:
@@ -252,14 +359,15 @@ def _build_root(root: str, work: str) -> None:
     _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID)
 
 
-def _program(spec_fd: int, stdin: int, stdout: int, stderr: int, status: int) -> None:
+def _program(spec_fd: int, stdin: int, stdout: int, stderr: int, status: int, net: int) -> None:
     """Pid 1 of the new pid namespace: build the jail, drop to the run's own uid, run the program."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # first: should the zygote die, its jails die
     # getppid() is 0 here (the zygote is outside this pid namespace); its pidfd says whether it died
     # before the line above
     if select.select([_zygote_pidfd], [], [], 0)[0]:
         os._exit(71)
-    spec = json.loads(os.pread(spec_fd, 1 << 24, 0))
+    spec = json.loads(os.pread(spec_fd, os.fstat(spec_fd).st_size, 0))
+    _check(_libc.setns(net, CLONE_NEWNET), "setns into the run's network namespace")  # closed below
     for target, fd in enumerate((stdin, stdout, stderr, status)):  # every fd here is >= 3: no clobbering
         os.dup2(fd, target)
     os.set_inheritable(3, False)  # closed on execve; closed before running Python code below
@@ -275,12 +383,10 @@ def _program(spec_fd: int, stdin: int, stdout: int, stderr: int, status: int) ->
             os.write(fd, b"0")  # "0" is the writer (its pid in this namespace means nothing to cgroupfs)
         finally:
             os.close(fd)
-    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
     _build_root(spec["root"], spec["work"])
     host = spec["hostname"].encode()
     _check(_libc.sethostname(host, len(host)), "sethostname")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING))
     os.chdir("/work")
     for res, value in spec["rlimits"]:
         resource.setrlimit(res, (value, value))

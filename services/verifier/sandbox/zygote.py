@@ -5,9 +5,10 @@ the Python interpreter (~10 ms of CPU before the program's first line). Here a z
 (``jail.py``) is started once, by a clean ``execve`` of ``verifier.python`` with a scrubbed environment,
 and pre-imports the standard modules programs use. Per execution the host does what every backend does
 (fresh temp dir, per-run pids + memory cgroup, the wall limit, the kill, the clean-up) and hands the
-zygote five descriptors; the zygote forks a jailer that joins the cgroup and unshares new mount, pid,
-network, ipc and uts namespaces, and an init that builds a fresh root, so each execution still gets the
-isolation of the ``nsjail`` backend (jail.py's docstring lists it). What is reused, and why that is safe,
+zygote five descriptors; the zygote forks a jail that joins the cgroup and unshares new mount, pid, ipc
+and uts namespaces and builds a fresh root, in a loopback-only network namespace used by no other
+execution at the time and untouched by any earlier one, so each execution still gets the isolation of the
+``nsjail`` backend (jail.py's docstring lists it). What is reused, and why that is safe,
 is in docs/VERIFIER.md ("What the zygote reuses").
 
 Needs root (to create namespaces without a user namespace and join the run's cgroup) and pids + memory
@@ -158,13 +159,22 @@ class ZygoteSandbox(BaseSandbox):
             )
         self.python = python
         self.zygote = Zygote(python)
+        self._net_lock = threading.Lock()
+        self._netns = {"new": 0, "reused": 0, "dropped": 0}  # from the runs' status lines
 
     def _rlimit_names(self) -> tuple[str, ...]:
         return ("as", "cpu", "fsize", "nofile", "nproc", "core")  # nproc counts per run: own user namespace
 
     def describe(self) -> dict[str, object]:
         """What ``/healthz`` shows about the fast path: the zygote's pid and interpreter, restarts."""
-        return {"zygote_pid": self.zygote.pid, "python": self.python, "zygote_starts": self.zygote.starts}
+        with self._net_lock:
+            netns = dict(self._netns)
+        return {
+            "zygote_pid": self.zygote.pid,
+            "python": self.python,
+            "zygote_starts": self.zygote.starts,
+            "netns": netns,  # network namespaces made, reused, and dropped after a run that used the network
+        }
 
     def _launch(
         self, request: ExecRequest, work: Path, env: dict[str, str], cgroup: RunCgroup | None
@@ -204,11 +214,19 @@ class ZygoteSandbox(BaseSandbox):
             raw = _pump(
                 [handed, *ours], request.stdin, limits, start + limits.wall_s + _GRACE_S, cgroup, launch
             )
+            self._count_netns(_status(launch))
             return raw, launch
         finally:
             for fd in [*theirs, *ours, stdin_w]:
                 if fd >= 0:
                     os.close(fd)
+
+    def _count_netns(self, status: dict[str, object]) -> None:
+        if status.get("netns") not in ("new", "reused"):
+            return  # a run cut short before the zygote reaped it
+        with self._net_lock:
+            self._netns[str(status["netns"])] += 1
+            self._netns["dropped"] += status.get("netns_kept") is False
 
     def _verdict(self, raw: RawRun, launch: Launch) -> str:
         status = _status(launch)
