@@ -21,6 +21,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lags", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--set", dest="extra", action="append", default=[], help="extra override for every run (the smoke)"
+    )
     args = parser.parse_args()
     base = [
         f"coordinator.steps={args.steps}",
@@ -33,7 +36,8 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for lag in args.lags:
-            run_dir = run_coordinator([*base, f"coordinator.max_policy_lag={lag}"], Path(tmp), f"lag{lag}")
+            overrides = [*base, f"coordinator.max_policy_lag={lag}", *args.extra]
+            run_dir = run_coordinator(overrides, Path(tmp), f"lag{lag}")
             steps = read_jsonl(run_dir / "metrics.jsonl")
             summary = json.loads((run_dir / "summary.json").read_text())
             skip = steps[2:]  # the first steps include warm-up (first reloads, allocator growth)

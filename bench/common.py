@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+# Where the JSON and plots go: bench/results/ (committed); the CI smokes point it at a temp dir so that a
+# smoke never overwrites a committed figure.
+RESULTS = Path(os.environ.get("LPO_BENCH_RESULTS") or REPO / "bench" / "results")
 if str(REPO) not in sys.path:  # the benchmarks run as `python bench/<name>.py` and import services.*
     sys.path.insert(0, str(REPO))
 

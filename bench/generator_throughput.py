@@ -131,6 +131,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--vllm-rows", type=int, default=len(VLLM_ROWS), help="only the first N vLLM settings (the smoke: 1)"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-eager", type=int, default=1, help=argparse.SUPPRESS)
@@ -144,7 +147,7 @@ def main() -> None:
         return
     iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
     runs = []
-    plan = [("vllm", *row) for row in VLLM_ROWS] + [("transformers", "", 2, True, False)]
+    plan = [("vllm", *row) for row in VLLM_ROWS[: args.vllm_rows]] + [("transformers", "", 2, True, False)]
     for engine, label, threads, eager, preload in plan:
         if preload and not iomp.is_file():
             print(f"skipping '{label}': {iomp} is not installed")

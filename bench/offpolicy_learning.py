@@ -34,7 +34,14 @@ def main() -> None:
     parser.add_argument("--lags", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the JSON")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
+    parser.add_argument(
+        "--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), help="a subset (the smoke)"
+    )
+    parser.add_argument(
+        "--set", dest="extra", action="append", default=[], help="extra override for every run (the smoke)"
+    )
     args = parser.parse_args()
+    settings = {name: SETTINGS[name] for name in args.settings}
     out = RESULTS / "offpolicy_learning.json"
     if args.replot:
         _plot(json.loads(out.read_text())["runs"], RESULTS / "offpolicy_learning.png")
@@ -46,11 +53,11 @@ def main() -> None:
             raise SystemExit(f"--resume: {out} holds {previous['steps']}-step runs, not {args.steps}")
         runs = previous["runs"]
     done = {(r["setting"], r["max_policy_lag"], r["seed"]) for r in runs}
-    planned = len(args.lags) * len(SETTINGS) * len(args.seeds)
+    planned = len(args.lags) * len(settings) * len(args.seeds)
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:  # seed-major: an interrupted sweep still covers every setting and lag
             for lag in args.lags:
-                for name, overrides in SETTINGS.items():
+                for name, overrides in settings.items():
                     if (name, lag, seed) in done:
                         continue
                     run_name = f"{name.replace('/', '-')}-lag{lag}-s{seed}"
@@ -63,6 +70,7 @@ def main() -> None:
                             f"generator.seed={seed}",
                             f"learner.seed={seed}",
                             *ASYNC_CORES,  # one core each once generation overlaps training
+                            *args.extra,
                         ],
                         Path(tmp),
                         run_name,

@@ -170,7 +170,10 @@ def run_trl(steps: int, warmup: int, threads: int, tmp: Path) -> dict:
     )
 
 
-def run_project(mode: str, steps: int, warmup: int, tmp: Path) -> dict:
+def run_project(mode: str, steps: int, warmup: int, tmp: Path, cores: tuple[int, int] = (1, 1)) -> dict:
+    """The project's loop, ``sync`` or ``async``; ``cores``: the async run's (generator, learner) CPUs,
+    which Ray turns into each actor's OpenMP threads (more in all than the machine has oversubscribes it).
+    """
     overrides = [
         f"coordinator.steps={steps}",
         "coordinator.eval_every=0",
@@ -185,10 +188,14 @@ def run_project(mode: str, steps: int, warmup: int, tmp: Path) -> dict:
         "learner.updates_per_batch=2",
         "metrics.enabled=false",
     ]
+    name = f"project-{mode}"
     if mode == "async":
         overrides += ["coordinator.max_policy_lag=1", *ASYNC_CORES]
+        if cores != (1, 1):
+            overrides += [f"cluster.generator.num_cpus={cores[0]}", f"cluster.learner.num_cpus={cores[1]}"]
+            name += f"-g{cores[0]}l{cores[1]}"
     cpu0, wall0 = _cpu_children(), time.perf_counter()
-    run_dir = run_coordinator(overrides, tmp, f"peer-{mode}")
+    run_dir = run_coordinator(overrides, tmp, f"peer-{name}")
     cpu, wall = _cpu_children() - cpu0, time.perf_counter() - wall0
     steps_log = read_jsonl(run_dir / "metrics.jsonl")[warmup:]
     phases = {
@@ -202,7 +209,7 @@ def run_project(mode: str, steps: int, warmup: int, tmp: Path) -> dict:
         k: statistics.median(s[k] for s in steps_log) for k in ("generate_s", "verify_s") if k in steps_log[0]
     }
     return _summary(
-        f"project-{mode}",
+        name,
         [s["step_s"] for s in steps_log],
         [s["response_length_mean"] for s in steps_log],
         cpu,
@@ -238,8 +245,17 @@ def main() -> None:
     parser.add_argument(
         "--systems", nargs="+", default=["trl", "sync", "async"], choices=["trl", "sync", "async"]
     )
+    parser.add_argument(
+        "--async-cores",
+        nargs="+",
+        default=["1:1"],
+        help="generator:learner CPUs of each async row (default 1:1, the shipped async split)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    splits = [tuple(int(x) for x in c.split(":")) for c in args.async_cores]
+    if any(len(c) != 2 or min(c) < 1 for c in splits):
+        raise SystemExit(f"--async-cores: give GENERATOR:LEARNER CPUs, e.g. 1:1 1:2; got {args.async_cores}")
     if args.setup:
         setup()
         return
@@ -248,11 +264,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for system in args.systems:
-            rows.append(
-                run_trl(args.steps, args.warmup, args.threads, Path(tmp))
-                if system == "trl"
-                else run_project(system, args.steps, args.warmup, Path(tmp))
-            )
+            if system == "trl":
+                rows.append(run_trl(args.steps, args.warmup, args.threads, Path(tmp)))
+            elif system == "sync":
+                rows.append(run_project(system, args.steps, args.warmup, Path(tmp)))
+            else:
+                for cores in splits:
+                    rows.append(run_project(system, args.steps, args.warmup, Path(tmp), cores))
+                    print(json.dumps(rows[-1]), flush=True)
+                continue
             print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["system"] == "trl-grpo"), None)
     for r in rows:

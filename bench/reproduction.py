@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ASYNC_CORES, RESULTS, read_jsonl, run_coordinator
+from common import ASYNC_CORES, REPO, RESULTS, read_jsonl, run_coordinator
 
 OBJECTIVES = ("pg", "lpo_fwd", "lpo_rev")
 PER_STEP = ("entropy", "grad_norm", "grad_clip_fraction", "drift", "abs_s_theta", "kl_proximal",
@@ -234,7 +234,7 @@ def _commit() -> str:
     common random numbers); a commit that changes only docs, benches or the verifier service keeps it."""
     import subprocess
 
-    repo = RESULTS.parent.parent
+    repo = REPO
     parts = []
     for path in CODE:
         tree = subprocess.run(["git", "rev-parse", f"HEAD:{path}"], cwd=repo, capture_output=True, text=True)
