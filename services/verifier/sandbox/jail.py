@@ -7,20 +7,21 @@ stdio. So it holds no secret of the service, and it never reads the content of a
 carries only file descriptors (the run's spec in a memfd the service wrote, the stdin read end, the
 stdout/stderr/status write ends) and the run's backstop deadline.
 
-At start-up the zygote joins a fresh session keyring (not the service's). Per message it takes a network
-namespace from its pool (``_NetPool``: loopback only, used by one execution at a time, reused only when
-the last execution left no trace in it), unshares a new pid namespace for its next child, forks, closes
-its copies (all but the status pipe) and goes back to waiting; it reaps each child, checks its network
-namespace and writes the exit status on that run's status pipe. The child, used for this one execution
-and gone after it, is pid 1 of the new namespace (as under nsjail), dies with the zygote
+At start-up the zygote joins a fresh session keyring (not the service's) and builds the read-only part of
+every jail's root once, in a mount namespace of its own (``_make_template``). Per message it takes a
+network namespace from its pool (``_NetPool``: loopback only, used by one execution at a time, reused
+only when the last execution left no trace in it), unshares a new pid namespace for its next child,
+forks, closes its copies (all but the status pipe) and goes back to waiting; it reaps each child, checks
+its network namespace and writes the exit status on that run's status pipe. The child, used for this one
+execution and gone after it, is pid 1 of the new namespace (as under nsjail), dies with the zygote
 (``PR_SET_PDEATHSIG``), leads its own session, joins a fresh anonymous session keyring and resets the
 signals CPython ignores. It reads the spec, enters its network namespace, joins the run's pids and memory
-cgroups, unshares new mount, ipc and uts namespaces, builds a fresh root (a tmpfs with read-only, nosuid
-binds of the system directories, ``/dev/{null,zero,random,urandom}``, a fresh ``/proc``, a tmpfs
-``/tmp``, the run's work dir at ``/work``), ``pivot_root``s into it and detaches the host's tree, sets
-the hostname, closes every descriptor but stdio, sets the rlimits, drops to a host uid/gid of this
-execution's own (65534 inside), with no supplementary groups, in a user namespace of its own
-(``RLIMIT_NPROC`` per execution) that may create no nested user namespace, with no capabilities and
+cgroups, unshares new mount, ipc and uts namespaces, mounts a fresh ``/proc``, a tmpfs ``/tmp`` and the
+run's work dir at ``/work`` on its copy of that read-only root (a tmpfs with read-only, nosuid binds of
+the system directories and ``/dev/{null,zero,random,urandom}``), ``pivot_root``s into it and detaches the
+host's tree, sets the hostname, closes every descriptor but stdio, sets the rlimits, drops to a host
+uid/gid of this execution's own (65534 inside), with no supplementary groups, in a user namespace of its
+own (``RLIMIT_NPROC`` per execution) that may create no nested user namespace, with no capabilities and
 ``no_new_privs`` (setuid binaries stay unprivileged), takes the run's environment only, and runs the
 program. When ``argv`` asks the zygote's own interpreter for a script, ``-c`` or ``-m``, it runs in this
 already-warm process (a copy-on-write fork of the zygote: nothing flows back); any other ``argv`` is
@@ -104,6 +105,7 @@ _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.syscall.restype = ctypes.c_long
 _zygote_pidfd = -1  # set by serve()
+_template_root = ""  # set by main(): where _make_template built the jails' read-only root
 
 
 def _check(ret: int, what: str) -> None:
@@ -324,8 +326,14 @@ def _reap(running: dict[int, _Run], nets: _NetPool) -> None:
         os.close(run.status)
 
 
-def _build_root(root: str, work: str) -> None:
-    """The jail's filesystem at ``root`` (host path), then ``pivot_root`` into it."""
+def _make_template(root: str) -> None:
+    """The read-only part of every jail's filesystem, built once, at ``root`` (an empty host directory), in
+    a mount namespace of the zygote's own: a tmpfs with read-only, nosuid binds of the system directories,
+    ``/dev/{null,zero,random,urandom}``, and empty ``/proc``, ``/tmp`` and ``/work`` for each jail's own
+    mounts. The host never sees it (and nothing is left to unmount should the zygote die); each jail's
+    mount namespace starts as a copy of the zygote's, so it finds the template there, mounts its own
+    ``/proc``, ``/tmp`` and ``/work`` on it and ``pivot_root``s into it (``_enter_root``)."""
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS) for the jails' template root")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
     _mount("tmpfs", root, "tmpfs", MS_NOSUID, "size=1m,mode=0755")
     for path in SYSTEM_DIRS:
@@ -345,6 +353,14 @@ def _build_root(root: str, work: str) -> None:
         os.symlink(target, f"{root}/dev/{name}")
     for name in ("proc", "tmp", "work"):
         os.mkdir(f"{root}/{name}")
+    # read-only from here on, for every jail (a mount's flags are copied with the namespace; the jails,
+    # without capabilities in the owning user namespace, cannot remount it)
+    _mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
+
+
+def _enter_root(root: str, work: str) -> None:
+    """This jail's own ``/proc``, ``/tmp`` and ``/work`` on its copy of the template at ``root``, then
+    ``pivot_root`` into it with the host's tree detached."""
     _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
     _mount(work, root + "/work", None, MS_BIND)
@@ -356,7 +372,6 @@ def _build_root(root: str, work: str) -> None:
     _check(_libc.syscall(nr, b".", b"."), "pivot_root")
     _check(_libc.umount2(b".", MNT_DETACH), "umount old root")  # the host's tree is gone from this view
     os.chdir("/")
-    _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID)
 
 
 def _program(spec_fd: int, stdin: int, stdout: int, stderr: int, status: int, net: int) -> None:
@@ -384,7 +399,7 @@ def _program(spec_fd: int, stdin: int, stdout: int, stderr: int, status: int, ne
         finally:
             os.close(fd)
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
-    _build_root(spec["root"], spec["work"])
+    _enter_root(_template_root, spec["work"])
     host = spec["hostname"].encode()
     _check(_libc.sethostname(host, len(host)), "sethostname")
     os.chdir("/work")
@@ -547,9 +562,12 @@ def _shutdown(code: int, atexit: object) -> int:
 
 
 def main() -> None:
-    """Entry point: ``python -I jail.py <fd>`` with the control socket at ``fd``."""
+    """Entry point: ``python -I jail.py <fd> <template dir>`` with the control socket at ``fd``."""
+    global _template_root
     for name in PRELOAD:
         __import__(name)
+    _template_root = sys.argv[2]
+    _make_template(_template_root)
     gc.freeze()  # a collection in a child would otherwise touch (and so copy) every object of the zygote
     _new_session_keyring()  # not the service's: each jail then joins a fresh one of its own
     sock = socket.socket(fileno=int(sys.argv[1]))

@@ -6,7 +6,8 @@ the Python interpreter (~10 ms of CPU before the program's first line). Here a z
 and pre-imports the standard modules programs use. Per execution the host does what every backend does
 (fresh temp dir, per-run pids + memory cgroup, the wall limit, the kill, the clean-up) and hands the
 zygote five descriptors; the zygote forks a jail that joins the cgroup and unshares new mount, pid, ipc
-and uts namespaces and builds a fresh root, in a loopback-only network namespace used by no other
+and uts namespaces and mounts its own ``/proc``, ``/tmp`` and ``/work`` on a read-only root the zygote
+built once, in a loopback-only network namespace used by no other
 execution at the time and untouched by any earlier one, so each execution still gets the isolation of the
 ``nsjail`` backend (jail.py's docstring lists it). What is reused, and why that is safe,
 is in docs/VERIFIER.md ("What the zygote reuses").
@@ -27,6 +28,7 @@ import secrets
 import selectors
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -61,8 +63,8 @@ class Zygote:
     """The zygote process and our end of its control socket. ``send`` is thread-safe and restarts a
     zygote that died; nothing ever comes back on the socket (each run reports on its own status pipe)."""
 
-    def __init__(self, python: str) -> None:
-        self.python = python
+    def __init__(self, python: str, template: str) -> None:
+        self.python, self.template = python, template
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -73,7 +75,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
-                [self.python, "-I", "-B", str(JAIL_SCRIPT), str(theirs.fileno())],
+                [self.python, "-I", "-B", str(JAIL_SCRIPT), str(theirs.fileno()), self.template],
                 env=_ZYGOTE_ENV,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -158,7 +160,10 @@ class ZygoteSandbox(BaseSandbox):
                 f"zygote interpreter {python!r} does not exist; set verifier.python"
             )
         self.python = python
-        self.zygote = Zygote(python)
+        # where the zygote mounts the jails' read-only root, in its own mount namespace: an empty directory
+        # on the host
+        self.template = tempfile.mkdtemp(prefix="lpo-zygote-root-", dir=self.tmp_base)
+        self.zygote = Zygote(python, self.template)
         self._net_lock = threading.Lock()
         self._netns = {"new": 0, "reused": 0, "dropped": 0}  # from the runs' status lines
 
@@ -181,8 +186,6 @@ class ZygoteSandbox(BaseSandbox):
     ) -> tuple[RawRun, Launch]:
         assert cgroup is not None  # the constructor refused a machine without cgroups
         limits = request.limits
-        root = work.parent / "root"
-        root.mkdir(mode=0o700)
         host_id = _next_run_id()
         for path in [work, *work.rglob("*")]:
             os.chown(path, host_id, host_id, follow_symlinks=False)
@@ -190,7 +193,6 @@ class ZygoteSandbox(BaseSandbox):
             "argv": list(request.argv),
             "env": env,
             "work": str(work),
-            "root": str(root),
             "hostname": "sandbox",
             "cgroup_procs": list(cgroup.procs_files()),
             "uid": self.uid,  # inside the run's user namespace (65534)
@@ -249,6 +251,8 @@ class ZygoteSandbox(BaseSandbox):
     def close(self) -> None:
         """Stop the zygote (its in-flight jails end at their own wall limits or the host's kill)."""
         self.zygote.close()
+        with contextlib.suppress(OSError):
+            os.rmdir(self.template)
 
 
 def _status(launch: Launch) -> dict[str, object]:
