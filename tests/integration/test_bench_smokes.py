@@ -125,16 +125,8 @@ def test_offpolicy_learning(tmp_path: Path) -> None:
 
 def test_peer_trl_project_side(tmp_path: Path) -> None:
     """The project's side of the peer bench (the TRL side needs its own environment, built by --setup)."""
-    args = ["--systems", "async", "--steps", "3", "--warmup", "1", "--out", str(tmp_path)]
-    proc = subprocess.run(
-        [sys.executable, "bench/peer_trl.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "peer_trl.json").read_text())["rows"]
+    args = ["--systems", "async", "--steps", "3", "--warmup", "1"]
+    rows = _bench("peer_trl", args, tmp_path)["rows"]
     assert [r["system"] for r in rows] == ["project-async"]
     row = rows[0]
     assert row["batches_measured"] == 2 and row["completions_per_s"] > 0
