@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -133,7 +132,6 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         raise SystemExit("no CUDA device: run with --smoke on a CPU")
-    os.environ.setdefault("MASTER_PORT", "29533")
     seqs, prompt, response = (8, 16, 48) if args.smoke else (8, 128, 1920)
     dtype = "float32" if args.smoke else "bfloat16"
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu (smoke)"

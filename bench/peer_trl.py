@@ -259,7 +259,7 @@ def main() -> None:
     if args.setup:
         setup()
         return
-    if not (VENV / "bin" / "python").exists():
+    if "trl" in args.systems and not (VENV / "bin" / "python").exists():
         raise SystemExit(f"no TRL environment at {VENV}: run `python bench/peer_trl.py --setup` first")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+from typing import Any
+
 import ray
 
 from services.common.config import RunConfig
@@ -14,7 +17,7 @@ class LearnerRank:
     """A DeepSpeed rank; rank 0 also publishes weight snapshots."""
 
     def __init__(
-        self, cfg: RunConfig, model_dir: str, redis_url: str, rank: int, world_size: int, master_port: int
+        self, cfg: RunConfig, model_dir: str, redis_url: str, rank: int, world_size: int, rendezvous_key: str
     ) -> None:
         setup_logging(f"learner-{rank}")
         from services.common.paths import set_cache_env
@@ -27,7 +30,7 @@ class LearnerRank:
         self.engine = LearnerEngine(
             model_dir,
             cfg.learner,
-            info=RankInfo(rank=rank, world_size=world_size, master_port=master_port),
+            info=RankInfo(rank, world_size, store=_rendezvous(redis_url, rendezvous_key, rank, world_size)),
             dtype=cfg.model.dtype,
             sampling_temperature=cfg.generator.temperature,
         )
@@ -57,3 +60,36 @@ class LearnerRank:
 
     def save_hf(self, out_dir: str) -> str:
         return str(self.engine.save_hf(out_dir))
+
+
+def _rendezvous(redis_url: str, key: str, rank: int, world_size: int, timeout_s: float = 600.0) -> Any:
+    """The group's ``torch.distributed`` store: rank 0 listens on a port the kernel picks and posts
+    ``host:port`` under ``key`` in Redis, one copy per other rank, who block on it (BLPOP).
+
+    No port is chosen ahead of the bind, so none can be taken in between, and the address is the
+    node rank 0 actually runs on (the ranks may sit on different nodes).
+    """
+    import redis
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    if world_size == 1:
+        return dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        if rank == 0:
+            host = ray.util.get_node_ip_address()
+            store = dist.TCPStore(host, 0, world_size, True, timeout, wait_for_workers=False)
+            with client.pipeline() as pipe:
+                pipe.rpush(key, *[f"{host}:{store.port}"] * (world_size - 1)).expire(key, int(timeout_s))
+                pipe.execute()
+            return store
+        popped = client.blpop([key], timeout=timeout_s)
+        if popped is None:
+            raise TimeoutError(
+                f"learner rank {rank}: rank 0 posted no address under {key} in {timeout_s:.0f} s"
+            )
+        host, port = popped[1].decode().rsplit(":", 1)
+        return dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timeout)
+    finally:
+        client.close()

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,18 +39,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class RankInfo:
-    """Where this rank sits in the learner group and how it reaches the others."""
+    """Where this rank sits in the learner group and how it reaches the others.
+
+    ``store`` is a connected ``torch.distributed.Store`` (the learner group's rendezvous makes one);
+    without it a single rank opens its own on a port the kernel picks (``master_port`` 0), and
+    several ranks meet at ``master_addr:master_port`` through ``env://``.
+    """
 
     rank: int = 0
     world_size: int = 1
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_port: int = 0
+    store: Any = None
 
 
 def init_distributed(info: RankInfo) -> None:
-    """torch.distributed through DeepSpeed: gloo on CPU, nccl on CUDA (env vars DeepSpeed reads)."""
+    """torch.distributed through DeepSpeed: gloo on CPU, nccl on CUDA (env vars DeepSpeed reads).
+
+    A port chosen elsewhere and bound here later can be taken in between (by any outgoing connection:
+    free ports come from the ephemeral range), so a store the rank itself listens on is preferred.
+    """
     import deepspeed
 
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     os.environ.update(
         RANK=str(info.rank),
         WORLD_SIZE=str(info.world_size),
@@ -57,8 +69,14 @@ def init_distributed(info: RankInfo) -> None:
         MASTER_ADDR=info.master_addr,
         MASTER_PORT=str(info.master_port),
     )
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.distributed.is_initialized():
+        return
+    store = info.store
+    if store is None and info.world_size == 1 and info.master_port == 0:
+        store = torch.distributed.TCPStore(info.master_addr, 0, 1, is_master=True)
+    if store is not None:
+        torch.distributed.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size)
+    deepspeed.init_distributed(dist_backend=backend)  # wraps the group made above, or makes it (env://)
 
 
 def flush_denormals(enabled: bool = True) -> bool:

@@ -7,7 +7,7 @@ checkpoint (the coordinator replays the steps trained since).
 
 from __future__ import annotations
 
-import socket
+import uuid
 from typing import Any
 
 import ray
@@ -15,12 +15,6 @@ import ray
 from services.common.config import RunConfig
 from services.common.messages import LearnerStepMetrics, ResponseGroup, WeightSnapshot, encode
 from services.learner.actor import LearnerRank
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LearnerDied(RuntimeError):
@@ -32,11 +26,11 @@ class LearnerGroup:
 
     def __init__(self, cfg: RunConfig, model_dir: str, redis_url: str) -> None:
         n = cfg.learner.world_size
-        port = _free_port()
+        rendezvous = f"lpo:{cfg.coordinator.run_name}:learner-rendezvous:{uuid.uuid4().hex}"  # one per group
         res = cfg.cluster.learner
         self.ranks = [
             LearnerRank.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=res.resources).remote(
-                cfg, model_dir, redis_url, rank, n, port
+                cfg, model_dir, redis_url, rank, n, rendezvous
             )
             for rank in range(n)
         ]

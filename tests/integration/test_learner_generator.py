@@ -13,7 +13,7 @@ from services.common.messages import ResponseGroup, RolloutTask, SamplingParams
 from services.common.weights import pack, sha256_hex
 from services.generator.vllm_engine import VllmRolloutEngine
 from services.learner.batch import pack_groups
-from services.learner.engine import LearnerEngine, RankInfo
+from services.learner.engine import LearnerEngine
 from services.verifier.scoring import score_group
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,6 @@ def test_snapshot_load_makes_vllm_match_the_learner(tiny_model_dir: str, tmp_pat
         learner = LearnerEngine(
             tiny_model_dir,
             LearnerConfig(lr=1e-3, updates_per_batch=1),
-            info=RankInfo(master_port=29701 if eager else 29702),
         )
         tasks = _tasks(tokenizer, n=6, k=4)
         sha = sha256_hex(b"base")

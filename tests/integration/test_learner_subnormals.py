@@ -9,7 +9,6 @@ were started (unflushed) before the learner engine was built, as in any process 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from learner_step import large_s_t_groups
 from services.common.config import LearnerConfig
 
 cfg = LearnerConfig(objective="lpo_fwd", updates_per_batch=2, micro_batch_groups=8, lr=1e-4)
-engine = E.LearnerEngine(sys.argv[1], cfg, info=E.RankInfo(master_port=int(sys.argv[2])))
+engine = E.LearnerEngine(sys.argv[1], cfg)
 after_init = survivors()
 tiny = torch.finfo(torch.float32).tiny
 counts = {}
@@ -57,15 +56,9 @@ print(json.dumps({"before": before, "after_init": after_init, "after_step": surv
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_learner_flushes_subnormals_on_every_thread(tiny_model_dir: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, tiny_model_dir, str(_free_port())],
+        [sys.executable, "-c", SCRIPT, tiny_model_dir],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -4,21 +4,13 @@ proximal pass for its groups: one no-grad forward fewer per iteration, and exact
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
 from bench.common import synthetic_groups
 from services.common.config import LearnerConfig
 from services.learner.batch import pack_groups
-from services.learner.engine import LearnerEngine, RankInfo
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services.learner.engine import LearnerEngine
 
 
 def _separate_proximal_pass(engine: LearnerEngine, groups: list) -> dict[str, float]:
@@ -36,8 +28,8 @@ def _separate_proximal_pass(engine: LearnerEngine, groups: list) -> dict[str, fl
 @pytest.mark.parametrize("objective", ["lpo_fwd", "pg"])
 def test_the_first_update_is_its_own_proximal_pass(tiny_model_dir: str, objective: str) -> None:
     cfg = LearnerConfig(objective=objective, lr=1e-3, updates_per_batch=2, micro_batch_groups=2)
-    reused = LearnerEngine(tiny_model_dir, cfg, info=RankInfo(master_port=_free_port()))
-    separate = LearnerEngine(tiny_model_dir, cfg, info=RankInfo(master_port=_free_port()))
+    reused = LearnerEngine(tiny_model_dir, cfg)
+    separate = LearnerEngine(tiny_model_dir, cfg)
     groups = synthetic_groups(8, 4, 8, 12, reused.module.config.vocab_size)
     no_grad_forwards = []
     real = reused.logprobs
