@@ -69,19 +69,20 @@ def _rendezvous(redis_url: str, key: str, rank: int, world_size: int, timeout_s:
     No port is chosen ahead of the bind, so none can be taken in between, and the address is the
     node rank 0 actually runs on (the ranks may sit on different nodes).
     """
-    import redis
     import torch.distributed as dist
+
+    from services.common.redis_server import redis_client
 
     timeout = timedelta(seconds=timeout_s)
     if world_size == 1:
         return dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url, socket_timeout_s=timeout_s + 10)  # outlives the BLPOP
     try:
         if rank == 0:
             host = ray.util.get_node_ip_address()
             store = dist.TCPStore(host, 0, world_size, True, timeout, wait_for_workers=False)
             with client.pipeline() as pipe:
-                pipe.rpush(key, *[f"{host}:{store.port}"] * (world_size - 1)).expire(key, int(timeout_s))
+                pipe.rpush(key, *[f"{host}:{store.port}"] * (world_size - 1)).expire(key, 2 * int(timeout_s))
                 pipe.execute()
             return store
         popped = client.blpop([key], timeout=timeout_s)

@@ -72,9 +72,12 @@ def init_distributed(info: RankInfo) -> None:
     if torch.distributed.is_initialized():
         return
     store = info.store
-    if store is None and info.world_size == 1 and info.master_port == 0:
+    if store is None and info.master_port == 0:
+        if info.world_size > 1:
+            raise ValueError("RankInfo: several ranks need a store or a master_port they all know")
         store = torch.distributed.TCPStore(info.master_addr, 0, 1, is_master=True)
     if store is not None:
+        os.environ["MASTER_PORT"] = str(store.port)  # DeepSpeed's C++ backends name shared memory by it
         torch.distributed.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size)
     deepspeed.init_distributed(dist_backend=backend)  # wraps the group made above, or makes it (env://)
 
