@@ -63,8 +63,9 @@ class LearnerRank:
 
 
 def _rendezvous(redis_url: str, key: str, rank: int, world_size: int, timeout_s: float = 600.0) -> Any:
-    """The group's ``torch.distributed`` store: rank 0 listens on a port the kernel picks and posts
-    ``host:port`` under ``key`` in Redis, one copy per other rank, who block on it (BLPOP).
+    """The group's ``torch.distributed`` store (``None`` for a single rank): rank 0 listens on a port the
+    kernel picks and posts ``host:port`` under ``key`` in Redis, one copy per other rank, who block on it
+    (BLPOP).
 
     No port is chosen ahead of the bind, so none can be taken in between, and the address is the
     node rank 0 actually runs on (the ranks may sit on different nodes).
@@ -73,9 +74,9 @@ def _rendezvous(redis_url: str, key: str, rank: int, world_size: int, timeout_s:
 
     from services.common.redis_server import redis_client
 
-    timeout = timedelta(seconds=timeout_s)
     if world_size == 1:
-        return dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)
+        return None  # the engine opens its own store on a port the kernel picks
+    timeout = timedelta(seconds=timeout_s)
     client = redis_client(redis_url, socket_timeout_s=timeout_s + 10)  # outlives the BLPOP
     try:
         if rank == 0:
