@@ -257,6 +257,11 @@ class LearnerConfig(_Section):
     151,936 vocab) next to the head's weight gradient; the chunk size barely changes speed. Under ZeRO-3 the
     head is called per chunk under checkpointing, which also adds a vocab x hidden gradient per chunk. A
     memory knob, not a maths knob."""
+    shared_prefix: bool = True
+    """Run each group's prompt through the model once for its K responses (their key/value cache is the
+    prefix every response attends to) instead of once per response: the same log-probs and gradients up
+    to round-off, with the prompt's share of the forward/backward cut K-fold. ``false`` runs every
+    prompt + response row whole (docs/ARCHITECTURE.md)."""
     checkpoint_every: int = Field(20, ge=0)
     """Checkpoint every N steps: the DeepSpeed state (weights, optimizer, RNG) and the run's position,
     which ``--resume`` continues from, plus an HF export. 0: none (a resume replays from the base model)."""

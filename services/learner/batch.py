@@ -1,8 +1,9 @@
 """Scored response groups -> the padded token tensors the learner trains on.
 
-Layout: ``N = B * K`` sequences (group-major: rows ``b*K .. b*K+K-1`` are group ``b``), each
-``prompt + response`` right-padded to ``L``; response token ``t`` of row ``n`` sits at
-``positions[n, t]``. Everything per response token is ``(B, K, T)`` once reshaped.
+Layout: ``N = B * K`` sequences (group-major: rows ``b*K .. b*K+K-1`` are group ``b`` and share its
+prompt, of ``prompt_lens[n]`` tokens), each ``prompt + response`` right-padded to ``L``; response token
+``t`` of row ``n`` sits at ``positions[n, t]``. Everything per response token is ``(B, K, T)`` once
+reshaped.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from services.common.messages import ResponseGroup
 
 @dataclass(frozen=True, slots=True)
 class PackedBatch:
-    """``input_ids``/``attention_mask`` (N, L); ``positions``/``mask``/``logp_behavior`` (N, T);
-    ``rewards`` (B, K); ``versions`` (B,) behaviour version of each group; ``group_ids`` length B."""
+    """``input_ids``/``attention_mask`` (N, L); ``prompt_lens`` (N,); ``positions``/``mask``/``logp_behavior``
+    (N, T); ``rewards`` (B, K); ``versions`` (B,) behaviour version of each group; ``group_ids`` length B."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    prompt_lens: torch.Tensor
     positions: torch.Tensor
     mask: torch.Tensor
     logp_behavior: torch.Tensor
@@ -46,6 +48,7 @@ class PackedBatch:
         return PackedBatch(
             input_ids=self.input_ids[rows],
             attention_mask=self.attention_mask[rows],
+            prompt_lens=self.prompt_lens[rows],
             positions=self.positions[rows],
             mask=self.mask[rows],
             logp_behavior=self.logp_behavior[rows],
@@ -89,6 +92,7 @@ def pack_groups(groups: Sequence[ResponseGroup], pad_id: int) -> PackedBatch:
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(attention).long(),
+        prompt_lens=torch.tensor(prompt_lens, dtype=torch.long),
         positions=torch.from_numpy(positions),
         mask=torch.from_numpy(mask),
         logp_behavior=torch.from_numpy(logp_b),

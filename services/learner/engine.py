@@ -155,6 +155,8 @@ class ResponseLogprobModel(torch.nn.Module):
         positions: torch.Tensor,
         mask: torch.Tensor,
         with_entropy: bool = False,
+        prompt_lens: torch.Tensor | None = None,
+        group_size: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return response_logprobs(
             self.policy,
@@ -165,6 +167,8 @@ class ResponseLogprobModel(torch.nn.Module):
             chunk_tokens=self.chunk_tokens,
             temperature=self.temperature,
             with_entropy=with_entropy,
+            prompt_lens=prompt_lens,
+            group_size=group_size,
         )
 
 
@@ -222,8 +226,15 @@ class LearnerEngine:
     def logprobs(self, batch: PackedBatch, *, grad: bool, with_entropy: bool = False):
         """``(N, T)`` log-probs of the batch's response tokens under the current weights."""
         with torch.set_grad_enabled(grad):
+            shared = self.cfg.shared_prefix and batch.group_size > 1
             return self.engine(
-                batch.input_ids, batch.attention_mask, batch.positions, batch.mask, with_entropy=with_entropy
+                batch.input_ids,
+                batch.attention_mask,
+                batch.positions,
+                batch.mask,
+                with_entropy=with_entropy,
+                prompt_lens=batch.prompt_lens if shared else None,
+                group_size=batch.group_size,
             )
 
     # ------------------------------------------------------------------ the iteration

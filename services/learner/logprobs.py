@@ -230,6 +230,63 @@ def response_rows(
     return hidden, hidden[rows[mask], prev[mask]], input_ids[rows[mask], positions[mask]]
 
 
+def shared_prefix_rows(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`response_rows` for group-major rows whose ``group_size`` responses share one prompt: each prompt
+    runs through the decoder once, and its key/value cache, repeated per response, is the prefix every
+    response of the group attends to (shared-prefix forward, as in Prefix Grouper for GRPO). The same
+    function of the weights as the whole rows (causal attention over prompt + response, the same RoPE
+    positions), with the prompt's layers computed once per group instead of K times; the gradients of the K
+    responses meet in the repeated cache.
+
+    Prompts are right-padded to the longest (``P``); the response pass masks the pad columns between a
+    short prompt and its responses, and puts response token ``t`` at position ``prompt_len + t``. Token 0
+    of a response is predicted by the prompt's last state, token ``t > 0`` by the response's state ``t-1``.
+    """
+    from transformers import DynamicCache
+
+    n, t = positions.shape
+    k = group_size
+    if n % k:
+        raise ValueError(f"{n} rows are not whole groups of {k}")
+    lens = prompt_lens.view(-1, k)
+    if bool((lens != lens[:, :1]).any()):
+        raise ValueError("shared_prefix_rows: rows of one group have different prompt lengths")
+    lens = lens[:, 0]
+    b, p = lens.shape[0], int(lens.max())
+    cols = torch.arange(p, device=input_ids.device)
+    prompt_mask = (cols < lens.unsqueeze(1)).long()  # (B, P)
+    prompt_ids = input_ids[::k, :p] * prompt_mask  # pad columns: token 0 (masked; any id would do)
+    rows = torch.arange(n, device=input_ids.device).unsqueeze(1)
+    resp_ids = input_ids[rows, positions]  # (N, T); masked entries hold a real id of the row, never read
+    decoder = model.get_decoder()
+    cache = DynamicCache(config=model.config)
+    prompt_hidden = decoder(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=cols.unsqueeze(0).expand(b, p),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (B, P, H)
+    cache.batch_repeat_interleave(k)
+    hidden = decoder(
+        input_ids=resp_ids,
+        attention_mask=torch.cat([prompt_mask.repeat_interleave(k, 0), mask.long()], 1),
+        position_ids=prompt_lens.unsqueeze(1) + torch.arange(t, device=input_ids.device),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (N, T, H)
+    last = prompt_hidden[torch.arange(b, device=input_ids.device), lens - 1].repeat_interleave(k, 0)
+    predicting = torch.cat([last.unsqueeze(1), hidden[:, :-1]], 1)  # row t predicts response token t
+    return hidden, predicting[mask], resp_ids[mask]
+
+
 def response_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -240,6 +297,8 @@ def response_logprobs(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    prompt_lens: torch.Tensor | None = None,
+    group_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the tokens at ``positions`` of each sequence, given everything before them.
 
@@ -249,9 +308,16 @@ def response_logprobs(
     entropy of the full next-token distribution at those positions (no grad).
     ``temperature`` divides the logits, matching an engine that reports sampling-time log-probs.
     The head is the model's output embedding (tied to the input embedding or not; with or without bias).
+    With ``prompt_lens`` (``(N,)``) and ``group_size`` K > 1, rows are group-major groups of K responses to
+    one prompt, and each prompt is computed once (:func:`shared_prefix_rows`).
     """
     head = model.get_output_embeddings()
-    hidden, flat_h, flat_y = response_rows(model, input_ids, attention_mask, positions, mask)
+    if prompt_lens is not None and group_size > 1:
+        hidden, flat_h, flat_y = shared_prefix_rows(
+            model, input_ids, prompt_lens, positions, mask, group_size
+        )
+    else:
+        hidden, flat_h, flat_y = response_rows(model, input_ids, attention_mask, positions, mask)
     opts = {"chunk_tokens": chunk_tokens, "temperature": temperature, "with_entropy": with_entropy}
     if isinstance(head, torch.nn.Linear) and not _partitioned(head.weight):
         flat, flat_ent = fused_logprobs(flat_h, flat_y, head.weight, head.bias, **opts)

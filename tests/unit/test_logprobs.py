@@ -63,3 +63,78 @@ def test_chunked_equals_naive_values_and_grads(chunk: int, temperature: float) -
     for a, b in zip(g_chunked, g_naive, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
     assert ent is not None and (ent[mask] > 0).all() and (ent[~mask] == 0).all()
+
+
+def _groups(k: int, prompt_lens: list[int], seed: int = 2):
+    """Scored groups of random tokens: one prompt per group (lengths ``prompt_lens``), K responses of mixed
+    lengths, one of them empty (a response that ended at once)."""
+    from services.common.messages import ResponseGroup, Rollout, RolloutTask
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for g, p in enumerate(prompt_lens):
+        prompt = torch.randint(1, 50, (p,), generator=gen).tolist()
+        task = RolloutTask(f"t{g}", prompt, "p", "countdown", {"nums": [1, 2], "target": 3}, k)
+        rollouts = []
+        for j in range(k):
+            r = 0 if (g, j) == (1, 2) else int(torch.randint(1, 9, (1,), generator=gen))
+            rollouts.append(Rollout(torch.randint(1, 50, (r,), generator=gen).tolist(), [-0.5] * r, "length"))
+        out.append(ResponseGroup(task, tuple(rollouts), 0, "0" * 64).with_rewards((1.0,) * k, ("pass",) * k))
+    return out
+
+
+@pytest.mark.parametrize(("family", "kv_heads"), [("llama", 2), ("llama", 1), ("qwen2", 1)])
+def test_shared_prefix_equals_whole_rows(family: str, kv_heads: int) -> None:
+    """Each prompt computed once for its group (the key/value cache repeated per response) is the same
+    function as the whole prompt + response rows: log-probs, entropies and every parameter's gradient agree
+    to round-off (the decoder in float64, the head's logits in fp32), with prompts of different lengths in
+    one batch and an empty response."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from services.learner.batch import pack_groups
+
+    torch.manual_seed(0)
+    config, model_class = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[family]
+    cfg = config(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=kv_heads, max_position_embeddings=64,
+    )  # fmt: skip
+    model = model_class(cfg).to(torch.float64)
+    k = 4
+    b = pack_groups(_groups(k, [3, 7, 5]), pad_id=0)
+    weights = torch.randn(b.mask.shape, dtype=torch.float32)
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        logp, ent = response_logprobs(
+            model, b.input_ids, b.attention_mask, b.positions, b.mask, temperature=0.7, with_entropy=True,
+            prompt_lens=b.prompt_lens if shared else None, group_size=k,
+        )  # fmt: skip
+        (logp * weights).sum().backward()
+        results.append((logp.detach(), ent, [p.grad.clone() for p in model.parameters()]))
+    (whole, ent_w, g_w), (shared, ent_s, g_s) = results
+    assert b.mask.sum() > 0 and not b.mask[1 * k + 2].any()  # the empty response is in the batch
+    assert torch.allclose(shared, whole, rtol=0, atol=1e-6) and (shared[~b.mask] == 0).all()
+    assert torch.allclose(ent_s, ent_w, rtol=0, atol=1e-6)
+    for a, w in zip(g_s, g_w, strict=True):
+        assert w.abs().sum() > 0 and torch.allclose(a, w, rtol=1e-6, atol=1e-6)
+
+
+def test_shared_prefix_refuses_rows_that_are_not_groups() -> None:
+    from services.learner.batch import pack_groups
+
+    model = _model()
+    b = pack_groups(_groups(4, [3, 5]), pad_id=0)
+    lens = b.prompt_lens.clone()
+    lens[1] += 1  # one row of group 0 claims another prompt length: not one shared prompt
+    with pytest.raises(ValueError, match="different prompt lengths"):
+        response_logprobs(
+            model, b.input_ids, b.attention_mask, b.positions, b.mask, prompt_lens=lens, group_size=4
+        )
+    with pytest.raises(ValueError, match="not whole groups of 3"):
+        response_logprobs(
+            model, b.input_ids, b.attention_mask, b.positions, b.mask, prompt_lens=b.prompt_lens, group_size=3
+        )
