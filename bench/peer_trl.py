@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ASYNC_CORES, REPO, RESULTS, read_jsonl, run_coordinator
+from common import ASYNC_CORES, REPO, RESULTS, read_jsonl, run_coordinator, synthetic_groups
 
 VENV = REPO / ".bench" / "trl-venv"
 PROMPTS, K, MAX_TOKENS, LR = 16, 8, 48, 1.5e-4
@@ -116,6 +116,20 @@ def _prompt_rows(n: int, path: Path) -> None:
             fh.write(json.dumps({"prompt": p.prompt, **p.reference}) + "\n")
 
 
+def _prompt_tokens(n: int = 256) -> int:
+    """Mean token count of the first ``n`` RL prompts under the tiny model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from services.common.tiny import build_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.jsonl"
+        _prompt_rows(n, path)
+        prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(str(build_tiny()))
+    return round(statistics.mean(len(tok(p)["input_ids"]) for p in prompts))
+
+
 def _cpu_children() -> float:
     """CPU-seconds the whole machine has spent (``/proc/stat``): a run's Ray workers are not this process's
     waited-for children, so only a machine-wide count sees them (the bench runs on a quiet machine)."""
@@ -170,10 +184,13 @@ def run_trl(steps: int, warmup: int, threads: int, tmp: Path) -> dict:
     )
 
 
-def run_project(mode: str, steps: int, warmup: int, tmp: Path, cores: tuple[int, int] = (1, 1)) -> dict:
+def run_project(
+    mode: str, steps: int, warmup: int, tmp: Path, cores: tuple[int, int] = (1, 1), whole_rows: bool = False
+) -> dict:
     """The project's loop, ``sync`` or ``async``; ``cores``: the async run's (generator, learner) CPUs,
     which Ray turns into each actor's OpenMP threads (more in all than the machine has oversubscribes it).
-    """
+    ``whole_rows``: the learner without the shared-prefix forward (``learner.shared_prefix=false``), the
+    profile before that change."""
     overrides = [
         f"coordinator.steps={steps}",
         "coordinator.eval_every=0",
@@ -194,20 +211,13 @@ def run_project(mode: str, steps: int, warmup: int, tmp: Path, cores: tuple[int,
         if cores != (1, 1):
             overrides += [f"cluster.generator.num_cpus={cores[0]}", f"cluster.learner.num_cpus={cores[1]}"]
             name += f"-g{cores[0]}l{cores[1]}"
+    if whole_rows:
+        overrides.append("learner.shared_prefix=false")
+        name += "-whole-rows"
     cpu0, wall0 = _cpu_children(), time.perf_counter()
     run_dir = run_coordinator(overrides, tmp, f"peer-{name}")
     cpu, wall = _cpu_children() - cpu0, time.perf_counter() - wall0
     steps_log = read_jsonl(run_dir / "metrics.jsonl")[warmup:]
-    phases = {
-        k: statistics.median(s["phase_s"].get(k, 0.0) for s in steps_log) for k in steps_log[0]["phase_s"]
-    }
-    learner = {
-        k: statistics.median(s[k] for s in steps_log) for k in ("proximal_s", "update_s") if k in steps_log[0]
-    }
-    # inside the collect phase: the generator's busy seconds (weight load + sampling) and the verifier's
-    actors = {
-        k: statistics.median(s[k] for s in steps_log) for k in ("generate_s", "verify_s") if k in steps_log[0]
-    }
     return _summary(
         name,
         [s["step_s"] for s in steps_log],
@@ -215,8 +225,92 @@ def run_project(mode: str, steps: int, warmup: int, tmp: Path, cores: tuple[int,
         cpu,
         wall,
         steps,
-        {"phase_s": phases, "learner_s": learner, "actor_s": actors},
+        {"profile_s": profile(steps_log, mode)},
     )
+
+
+def profile(steps_log: list[dict], mode: str) -> dict[str, float]:
+    """Where a batch's seconds go (medians over the measured batches; they need not add up exactly).
+
+    The coordinator's phases: ``admit``, ``collect`` (waiting for the batch's groups), ``train`` (the
+    learner call), ``publish``. Inside ``train``: the learner's ``proximal`` pass, its ``update``s and
+    ``train_overhead`` (the Ray call, packing, the metrics reduce). The actors' seconds in the same interval:
+    the generator's ``generate`` (sampling and forwarding the groups) and ``weights`` (fetching and loading
+    the snapshot in place), the verifier's ``verify``. In sync mode the collect phase is the generator's
+    and verifier's time plus ``queue_and_handoffs`` (the stream hops and waits between them); in async
+    mode the actors run beside the learner and ``collect`` is what the learner waited.
+    """
+
+    def med(get) -> float:
+        return round(statistics.median(get(s) for s in steps_log), 4)
+
+    out = {k: med(lambda s, k=k: s["phase_s"].get(k, 0.0)) for k in ("admit", "collect", "train", "publish")}
+    out |= {
+        "proximal": med(lambda s: s["proximal_s"]),
+        "update": med(lambda s: s["update_s"]),
+        "train_overhead": med(lambda s: s["phase_s"]["train"] - s["proximal_s"] - s["update_s"]),
+        "generate": med(lambda s: s["generate_s"]),
+        "weights": med(lambda s: s.get("weights_s", 0.0)),
+        "verify": med(lambda s: s["verify_s"]),
+    }
+    if mode == "sync":
+        out["queue_and_handoffs"] = med(
+            lambda s: max(
+                s["phase_s"]["collect"] - s["generate_s"] - s.get("weights_s", 0.0) - s["verify_s"], 0.0
+            )
+        )
+    out["step"] = med(lambda s: s["step_s"])
+    return out
+
+
+def learner_floor(prompt_tokens: int, response_tokens: int) -> list[dict]:
+    """The floor under the learner's phases: the model's own forward/backward on the batch's tokens (the
+    tiny config's shape, no padding: every prompt ``prompt_tokens`` long, every response
+    ``response_tokens``), without the objective, the optimizer, DeepSpeed or Ray: what one step's compute
+    costs (a no-grad forward of the second mini-batch for the proximal pass, a forward + backward per
+    update), on 1 and 2 threads, for whole rows and for the shared-prefix forward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from services.common.tiny import build_tiny
+    from services.learner.batch import pack_groups
+    from services.learner.logprobs import response_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(str(build_tiny()), dtype=torch.float32)
+    vocab = model.config.vocab_size
+    batch = pack_groups(synthetic_groups(PROMPTS, K, prompt_tokens, response_tokens, vocab), pad_id=0)
+    halves = [batch.take(range(0, PROMPTS // 2)), batch.take(range(PROMPTS // 2, PROMPTS))]
+
+    def logp(b, shared: bool, grad: bool):
+        with torch.set_grad_enabled(grad):
+            out, _ = response_logprobs(
+                model, b.input_ids, b.attention_mask, b.positions, b.mask,
+                prompt_lens=b.prompt_lens if shared else None, group_size=K,
+            )  # fmt: skip
+        return out
+
+    rows = []
+    threads_before = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for shared in (False, True):
+            times = {"proximal": [], "update": []}
+            for _ in range(5):
+                t0 = time.perf_counter()
+                logp(halves[1], shared, grad=False)
+                t1 = time.perf_counter()
+                for half in halves:
+                    logp(half, shared, grad=True).sum().backward()
+                times["proximal"].append(t1 - t0)
+                times["update"].append(time.perf_counter() - t1)
+                model.zero_grad()
+            rows.append({
+                "threads": threads,
+                "forward": "shared-prefix" if shared else "whole rows",
+                **{k: round(statistics.median(v[1:]), 4) for k, v in times.items()},
+            })  # fmt: skip
+    torch.set_num_threads(threads_before)
+    return rows
 
 
 def _summary(
@@ -251,6 +345,15 @@ def main() -> None:
         default=["1:1"],
         help="generator:learner CPUs of each async row (default 1:1, the shipped async split)",
     )
+    parser.add_argument(
+        "--before",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the project's rows without the shared-prefix forward (the profile before it)",
+    )
+    parser.add_argument(
+        "--floor", action=argparse.BooleanOptionalAction, default=True, help="the model's own fwd/bwd floor"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     splits = [tuple(int(x) for x in c.split(":")) for c in args.async_cores]
@@ -266,12 +369,11 @@ def main() -> None:
         for system in args.systems:
             if system == "trl":
                 rows.append(run_trl(args.steps, args.warmup, args.threads, Path(tmp)))
-            elif system == "sync":
-                rows.append(run_project(system, args.steps, args.warmup, Path(tmp)))
             else:
-                for cores in splits:
-                    rows.append(run_project(system, args.steps, args.warmup, Path(tmp), cores))
-                    print(json.dumps(rows[-1]), flush=True)
+                for cores in splits if system == "async" else [(1, 1)]:
+                    for whole in (False, True) if args.before else (False,):
+                        rows.append(run_project(system, args.steps, args.warmup, Path(tmp), cores, whole))
+                        print(json.dumps(rows[-1]), flush=True)
                 continue
             print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["system"] == "trl-grpo"), None)
@@ -279,6 +381,11 @@ def main() -> None:
         if base is not None:
             r["completions_per_s_vs_trl"] = round(r["completions_per_s"] / base["completions_per_s"], 3)
     load = os.getloadavg()
+    floor = []
+    if args.floor:
+        lengths = [r["tokens_per_s"] * r["s_per_batch"] / (PROMPTS * K) for r in rows if "profile_s" in r]
+        response_tokens = round(statistics.median(lengths)) if lengths else 28
+        floor = learner_floor(_prompt_tokens(), response_tokens)
     payload = {
         "steps": args.steps,
         "warmup": args.warmup,
@@ -289,6 +396,7 @@ def main() -> None:
         "loadavg_at_end": load,
         "cpus": os.cpu_count(),
         "rows": rows,
+        "learner_floor_s": floor,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peer_trl.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -296,16 +404,31 @@ def main() -> None:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
+    """Completions/s per system, and where each project row's batch goes (the profile, stacked)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.3]})
     names = [r["system"] for r in rows]
-    ax.bar(names, [r["completions_per_s"] for r in rows], color=["C1" if "trl" in n else "C0" for n in names])
-    ax.set_ylabel("completions / s")
-    ax.set_title("tiny Countdown, 16 x 8 per batch, 48 tokens, 2 cores")
+    ax.barh(
+        names, [r["completions_per_s"] for r in rows], color=["C1" if "trl" in n else "C0" for n in names]
+    )
+    ax.invert_yaxis()
+    ax.set_xlabel("completions / s")
+    ax.set_title("tiny Countdown, 16 x 8 per batch, 48 tokens, 2 cores", fontsize=9)
+    project = [r for r in rows if "profile_s" in r]
+    parts = ("collect", "proximal", "update", "train_overhead", "publish", "admit")
+    left = [0.0] * len(project)
+    for i, part in enumerate(parts):
+        widths = [r["profile_s"].get(part, 0.0) for r in project]
+        bx.barh([r["system"] for r in project], widths, left=left, color=f"C{i + 2}", label=part)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    bx.invert_yaxis()
+    bx.set_xlabel("seconds per batch (medians)")
+    bx.set_title("where a batch goes: the coordinator's phases, train split by the learner", fontsize=9)
+    bx.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

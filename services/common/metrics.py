@@ -110,7 +110,11 @@ _ALL = (
     _C("lpo_verifier_outcomes", "Scored responses by verdict status", ("task", "status")),
     _C("lpo_verifier_rejected_groups", "Groups dead-lettered because scoring failed"),
     _C("lpo_verifier_busy_seconds", "Seconds spent scoring (code: running programs in a sandbox)", ("task",)),
-    _G("lpo_step_stage_seconds", "Actor seconds in the last step, by stage (generate, verify)", ("stage",)),
+    _G(
+        "lpo_step_stage_seconds",
+        "Actor seconds in the last step, by stage (generate, weights, verify)",
+        ("stage",),
+    ),
 )
 SPECS: dict[str, MetricSpec] = {s.name: s for s in _ALL}
 

@@ -227,27 +227,31 @@ class Coordinator:
 
     def actor_seconds(self) -> dict[str, float]:
         """Seconds the actors spent since the previous step, summed per kind: generators waiting for tasks
-        or weights (``generator_idle``) and sampling (``generate``), verifier workers scoring (``verify``;
-        for code, running the programs in the sandbox). An actor that does not answer within 5 s
-        (restarting) is left out; a restarted one counts from 0 again."""
+        or weights (``generator_idle``), fetching and loading snapshots (``weights``) and sampling
+        (``generate``: the rest of their busy time), verifier workers scoring (``verify``; for code, running
+        the programs in the sandbox). An actor that does not answer within 5 s (restarting) is left out; a
+        restarted one counts from 0 again."""
         from services.coordinator.runtime import poll_stats
 
-        out = {"generator_idle": 0.0, "generate": 0.0, "verify": 0.0}
+        out = {"generator_idle": 0.0, "busy": 0.0, "weights": 0.0, "verify": 0.0}
         polled = [
             *(("generator", i, s) for i, (_, s) in enumerate(poll_stats(self.rt.generators, timeout_s=5.0))),
             *(("verifier", i, s) for i, (_, s) in enumerate(poll_stats(self.rt.verifiers, timeout_s=5.0))),
         ]
         counters = {
-            "generator": {"generator_idle": "idle_s", "generate": "busy_s"},
-            "verifier": {"verify": "busy_s"},
-        }
+            "generator": {"generator_idle": ("idle_s",), "busy": ("busy_s",),
+                          "weights": ("weight_fetch_s", "weight_load_s")},
+            "verifier": {"verify": ("busy_s",)},
+        }  # fmt: skip
         for kind, i, stats in polled:
             if stats is None:
                 continue
-            for key, attr in counters[kind].items():
-                now, before = getattr(stats, attr), self._seen.get((key, i), 0.0)
+            for key, attrs in counters[kind].items():
+                now, before = sum(getattr(stats, a) for a in attrs), self._seen.get((key, i), 0.0)
                 out[key] += now - before if now >= before else now
                 self._seen[(key, i)] = now
+        # a generator's busy time holds its weight loads (a batch loads the newest snapshot first)
+        out["generate"] = max(out.pop("busy") - out["weights"], 0.0)
         return {k: round(v, 4) for k, v in out.items()}
 
     def finish(self, wall_s: float) -> dict[str, Any]:

@@ -54,7 +54,10 @@ class StepRecord:
     generator_idle_s: float
     learner_idle_s: float
     generate_s: float
-    """Generator seconds spent sampling since the previous step (summed over generators)."""
+    """Generator seconds spent sampling since the previous step (summed over generators; the weight loads
+    are ``weights_s``)."""
+    weights_s: float
+    """Generator seconds spent fetching and loading weight snapshots in place since the previous step."""
     verify_s: float
     """Verifier seconds spent scoring since the previous step (summed over workers; code: sandbox runs)."""
     phase_s: dict[str, float]
@@ -93,6 +96,7 @@ def step_record(
         queue=queue,
         generator_idle_s=actor_s["generator_idle"],
         generate_s=actor_s["generate"],
+        weights_s=actor_s["weights"],
         verify_s=actor_s["verify"],
         learner_idle_s=round(phases.get("collect", 0.0), 4),
         phase_s={k: round(v, 4) for k, v in phases.items()},

@@ -64,6 +64,7 @@ class StepExporter:
         m.inc("lpo_weights_published_bytes", published_bytes)
         m.inc("lpo_learner_idle_seconds", record.learner_idle_s)
         m.set("lpo_step_stage_seconds", record.generate_s, stage="generate")
+        m.set("lpo_step_stage_seconds", record.weights_s, stage="weights")
         m.set("lpo_step_stage_seconds", record.verify_s, stage="verify")
         lags = [int(lag) for lag, n in record.lag_histogram.items() for _ in range(n)]
         for lag in lags:

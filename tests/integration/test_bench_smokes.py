@@ -124,10 +124,17 @@ def test_offpolicy_learning(tmp_path: Path) -> None:
 
 
 def test_peer_trl_project_side(tmp_path: Path) -> None:
-    """The project's side of the peer bench (the TRL side needs its own environment, built by --setup)."""
+    """The project's side of the peer bench (the TRL side needs its own environment, built by --setup), with
+    the profile before the shared-prefix forward and the learner's floor."""
     args = ["--systems", "async", "--steps", "3", "--warmup", "1"]
-    rows = _bench("peer_trl", args, tmp_path)["rows"]
-    assert [r["system"] for r in rows] == ["project-async"]
-    row = rows[0]
-    assert row["batches_measured"] == 2 and row["completions_per_s"] > 0
-    assert set(row["phase_s"]) >= {"collect", "train"} and row["actor_s"]["generate_s"] > 0
+    result = _bench("peer_trl", args, tmp_path)
+    rows = result["rows"]
+    assert [r["system"] for r in rows] == ["project-async", "project-async-whole-rows"]
+    for row in rows:
+        assert row["batches_measured"] == 2 and row["completions_per_s"] > 0
+        prof = row["profile_s"]
+        assert prof["train"] > 0 and prof["update"] > 0 and prof["generate"] > 0 and prof["weights"] > 0
+        assert prof["proximal"] + prof["update"] <= prof["train"]
+    floor = {(r["threads"], r["forward"]): r for r in result["learner_floor_s"]}
+    assert set(floor) == {(t, f) for t in (1, 2) for f in ("whole rows", "shared-prefix")}
+    assert all(r["update"] > 0 and r["proximal"] > 0 for r in floor.values())

@@ -81,7 +81,7 @@ def _record(dropped: dict[str, int], lags: dict[str, int]) -> StepRecord:
     return StepRecord(
         step=3, version=3, groups=4, reward_mean=0.4, response_length_mean=21.5, lag_histogram=lags,
         length_histogram={}, dropped=dropped, dropped_length_histogram={}, dropped_reward_histogram={},
-        queue={}, generator_idle_s=0.0, learner_idle_s=0.5, generate_s=1.25, verify_s=0.75,
+        queue={}, generator_idle_s=0.0, learner_idle_s=0.5, generate_s=1.25, weights_s=0.125, verify_s=0.75,
         phase_s={"admit": 0.01, "collect": 0.5, "train": 1.5, "publish": 0.1}, step_s=2.11, learner=learner,
     )  # fmt: skip
 
@@ -100,6 +100,7 @@ def test_step_exporter_maps_a_record() -> None:
     assert sets[("lpo_learner_weights_version", ())] == 3
     assert sets[("lpo_policy_lag_last_max", ())] == 2
     assert sets[("lpo_step_stage_seconds", (("stage", "generate"),))] == 1.25
+    assert sets[("lpo_step_stage_seconds", (("stage", "weights"),))] == 0.125
     assert sets[("lpo_step_stage_seconds", (("stage", "verify"),))] == 0.75
     lags = [c[2] for c in m.calls if c[1] == "lpo_policy_lag"]
     assert lags == [0, 1, 1, 2]
