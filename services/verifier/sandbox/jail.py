@@ -36,6 +36,7 @@ import errno
 import fcntl
 import gc
 import json
+import marshal
 import os
 import re
 import resource
@@ -106,6 +107,7 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 _libc.syscall.restype = ctypes.c_long
 _zygote_pidfd = -1  # set by serve()
 _template_root = ""  # set by main(): where _make_template built the jails' read-only root
+_executable = os.path.realpath(sys.executable)  # what a program's argv[0] is compared with
 
 
 def _check(ret: int, what: str) -> None:
@@ -381,7 +383,7 @@ def _program(spec_fd: int, stdin: int, stdout: int, stderr: int, status: int, ne
     # before the line above
     if select.select([_zygote_pidfd], [], [], 0)[0]:
         os._exit(71)
-    spec = json.loads(os.pread(spec_fd, os.fstat(spec_fd).st_size, 0))
+    spec = marshal.loads(os.pread(spec_fd, os.fstat(spec_fd).st_size, 0))
     _check(_libc.setns(net, CLONE_NEWNET), "setns into the run's network namespace")  # closed below
     for target, fd in enumerate((stdin, stdout, stderr, status)):  # every fd here is >= 3: no clobbering
         os.dup2(fd, target)
@@ -409,7 +411,7 @@ def _program(spec_fd: int, stdin: int, stdout: int, stderr: int, status: int, ne
     os.environ.clear()
     os.environ.update(spec["env"])
     argv = spec["argv"]
-    if os.path.realpath(argv[0]) == os.path.realpath(sys.executable):
+    if os.path.realpath(argv[0]) == _executable:
         plan = _python_plan(argv[1:])
         if plan is not None:
             os.close(3)  # from here on, nothing of the jail's plumbing is open in the program

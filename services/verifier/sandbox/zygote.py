@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import json
 import logging
+import marshal
 import os
 import secrets
 import selectors
@@ -205,7 +206,7 @@ class ZygoteSandbox(BaseSandbox):
         theirs = [spec_fd, pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
         stdin_w, ours = pipes[0][1], [pipes[1][0], pipes[2][0], pipes[3][0]]
         try:
-            os.write(spec_fd, json.dumps(spec).encode())
+            os.write(spec_fd, marshal.dumps(spec, 4))
             launch = Launch(argv=list(request.argv), preexec=lambda: None)
             start = time.monotonic()
             self.zygote.send(theirs, backstop_s=limits.wall_s + _GRACE_S + _BACKSTOP_S)
