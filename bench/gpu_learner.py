@@ -75,9 +75,16 @@ def _install_logprob_path(kind: str) -> str:
         raise RuntimeError("no fused kernel importable: carry liger-kernel or cut-cross-entropy")
 
     def variant(model, input_ids, attention_mask, positions, mask, *, chunk_tokens=1024, temperature=1.0,
-                with_entropy=False):  # fmt: skip
+                with_entropy=False, prompt_lens=None, group_size=1):  # fmt: skip
+        # The same decoder pass as the learner's default (shared prefix when the engine asks for it), so
+        # the variants differ only in how the head's log-probs are computed.
         head = model.get_output_embeddings()
-        hidden, flat_h, flat_y = logprobs.response_rows(model, input_ids, attention_mask, positions, mask)
+        if prompt_lens is not None and group_size > 1:
+            hidden, flat_h, flat_y = logprobs.shared_prefix_rows(
+                model, input_ids, prompt_lens, positions, mask, group_size
+            )
+        else:
+            hidden, flat_h, flat_y = logprobs.response_rows(model, input_ids, attention_mask, positions, mask)
         n, t = positions.shape
         if kind == "naive":
             logits = head(flat_h).float() / temperature
