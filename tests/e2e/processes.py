@@ -51,7 +51,14 @@ def spawn(cmd: list[str], log: Path, **popen) -> subprocess.Popen:
 
 @contextlib.contextmanager
 def service(
-    what: str, cmd: list[str], log: Path, ready, timeout_s: float, marker: str | None = None, **popen
+    what: str,
+    cmd: list[str],
+    log: Path,
+    ready,
+    timeout_s: float,
+    marker: str | None = None,
+    interrupt_first: bool = False,
+    **popen,
 ) -> Iterator[None]:
     """Run ``cmd`` (output to ``log``) in its own session until the block ends; wait for ``ready()``."""
     proc = spawn(cmd, log, **popen)
@@ -59,11 +66,19 @@ def service(
         wait_for(what, ready, timeout_s, log)
         yield
     finally:
-        stop_group(proc, marker)
+        stop_group(proc, marker, interrupt_first)
 
 
-def stop_group(proc: subprocess.Popen, marker: str | None = None) -> None:
-    """SIGTERM the process group, then SIGKILL it and any straggler whose command line holds ``marker``."""
+def stop_group(proc: subprocess.Popen, marker: str | None = None, interrupt_first: bool = False) -> None:
+    """SIGTERM the process group, then SIGKILL it and any straggler whose command line holds ``marker``.
+
+    ``interrupt_first``: SIGINT the leader alone first, for ``ray start --block``, which stops every Ray
+    process it started within 2 s of a SIGINT but takes about 30 s over a SIGTERM."""
+    if interrupt_first:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:

@@ -71,7 +71,9 @@ def head() -> Iterator[Head]:
         return bool(get(f"{url}/api/version")) and _discovery(temp)
 
     try:
-        with service("ray head", cmd, temp / "head.log", ready, 180, marker=str(temp), env=env):
+        with service(
+            "ray head", cmd, temp / "head.log", ready, 180, marker=str(temp), interrupt_first=True, env=env
+        ):
             yield Head(temp, url, env)
     finally:
         shutil.rmtree(temp, ignore_errors=True)

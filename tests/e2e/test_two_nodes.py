@@ -201,7 +201,8 @@ def test_run_spans_two_nodes_and_survives_losing_the_worker_node(tmp_path: Path,
             )
     finally:
         for proc in reversed(started):
-            stop_group(proc)
+            # `ray start --block` stops in ~2 s on SIGINT (30 s on SIGTERM); the coordinator: a Ctrl-C
+            stop_group(proc, interrupt_first=True)
         for marker in (worker2_mark, worker_mark, head_mark):
             for pid in pids_with_env(MARK, marker):
                 with contextlib.suppress(ProcessLookupError):
