@@ -185,12 +185,19 @@ def run_trl(steps: int, warmup: int, threads: int, tmp: Path) -> dict:
 
 
 def run_project(
-    mode: str, steps: int, warmup: int, tmp: Path, cores: tuple[int, int] = (1, 1), whole_rows: bool = False
+    mode: str,
+    steps: int,
+    warmup: int,
+    tmp: Path,
+    cores: tuple[int, int] = (1, 1),
+    whole_rows: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> dict:
     """The project's loop, ``sync`` or ``async``; ``cores``: the async run's (generator, learner) CPUs,
     which Ray turns into each actor's OpenMP threads (more in all than the machine has oversubscribes it).
     ``whole_rows``: the learner without the shared-prefix forward (``learner.shared_prefix=false``), the
-    profile before that change."""
+    profile before that change. ``extra``: overrides added to every project row (``--set``), named in the
+    row's ``overrides``."""
     overrides = [
         f"coordinator.steps={steps}",
         "coordinator.eval_every=0",
@@ -214,6 +221,7 @@ def run_project(
     if whole_rows:
         overrides.append("learner.shared_prefix=false")
         name += "-whole-rows"
+    overrides += extra
     cpu0, wall0 = _cpu_children(), time.perf_counter()
     run_dir = run_coordinator(overrides, tmp, f"peer-{name}")
     cpu, wall = _cpu_children() - cpu0, time.perf_counter() - wall0
@@ -225,7 +233,7 @@ def run_project(
         cpu,
         wall,
         steps,
-        {"profile_s": profile(steps_log, mode)},
+        {"profile_s": profile(steps_log, mode), **({"overrides": list(extra)} if extra else {})},
     )
 
 
@@ -355,6 +363,9 @@ def main() -> None:
         "--floor", action=argparse.BooleanOptionalAction, default=True, help="the model's own fwd/bwd floor"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--set", dest="extra", action="append", default=[], help="section.field=value for every project row"
+    )
     args = parser.parse_args()
     splits = [tuple(int(x) for x in c.split(":")) for c in args.async_cores]
     if any(len(c) != 2 or min(c) < 1 for c in splits):
@@ -372,7 +383,10 @@ def main() -> None:
             else:
                 for cores in splits if system == "async" else [(1, 1)]:
                     for whole in (False, True) if args.before else (False,):
-                        rows.append(run_project(system, args.steps, args.warmup, Path(tmp), cores, whole))
+                        row = run_project(
+                            system, args.steps, args.warmup, Path(tmp), cores, whole, tuple(args.extra)
+                        )
+                        rows.append(row)
                         print(json.dumps(rows[-1]), flush=True)
                 continue
             print(json.dumps(rows[-1]), flush=True)
