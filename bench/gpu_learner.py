@@ -60,42 +60,44 @@ def _fused_logprobs():
         return None
 
 
-def _install_logprob_path(kind: str) -> str:
-    """Point the learner's ``response_logprobs`` at the variant; returns its name."""
-    import torch
+_LEARNER_HEADS: dict[str, object] = {}  # the learner's own head paths, kept to restore them
 
-    import services.learner.engine as engine_mod
+
+def _install_logprob_path(kind: str) -> str:
+    """Replace the head step of the learner's ``response_logprobs`` (its ``fused_logprobs`` and
+    ``checkpointed_logprobs``) with the variant; the decoder pass stays the learner's own, so the variants
+    differ only in how the head's log-probs are computed. Returns the variant's name."""
+    import torch
+    import torch.nn.functional as F
+
     from services.learner import logprobs
 
+    if not _LEARNER_HEADS:
+        _LEARNER_HEADS.update(fused=logprobs.fused_logprobs, checkpointed=logprobs.checkpointed_logprobs)
     if kind == "chunked":
-        engine_mod.response_logprobs = logprobs.response_logprobs
+        logprobs.fused_logprobs = _LEARNER_HEADS["fused"]
+        logprobs.checkpointed_logprobs = _LEARNER_HEADS["checkpointed"]
         return "the learner's default (FusedLinearLogprob: logits never kept, recomputed per vocab slice)"
     fused = _fused_logprobs() if kind == "fused" else None
     if kind == "fused" and fused is None:
         raise RuntimeError("no fused kernel importable: carry liger-kernel or cut-cross-entropy")
 
-    def variant(model, input_ids, attention_mask, positions, mask, *, chunk_tokens=1024, temperature=1.0,
-                with_entropy=False, prompt_lens=None, group_size=1):  # fmt: skip
-        # The same decoder pass as the learner's default (shared prefix when the engine asks for it), so
-        # the variants differ only in how the head's log-probs are computed.
-        head = model.get_output_embeddings()
-        if prompt_lens is not None and group_size > 1:
-            hidden, flat_h, flat_y = logprobs.shared_prefix_rows(
-                model, input_ids, prompt_lens, positions, mask, group_size
-            )
-        else:
-            hidden, flat_h, flat_y = logprobs.response_rows(model, input_ids, attention_mask, positions, mask)
-        n, t = positions.shape
+    def head_logprobs(project, weight, flat_h, flat_y, temperature, with_entropy):
         if kind == "naive":
-            logits = head(flat_h).float() / temperature
+            logits = project(flat_h).float() / temperature
             flat = logits.gather(-1, flat_y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
         else:
-            flat = fused[0](flat_h / temperature, head.weight, flat_y).float()
-        out = hidden.new_zeros((n, t), dtype=torch.float32).masked_scatter(mask, flat)
-        ent = torch.zeros_like(out) if with_entropy else None  # entropy not measured in this check
-        return out, ent
+            flat = fused[0](flat_h / temperature, weight, flat_y).float()
+        return flat, (torch.zeros_like(flat) if with_entropy else None)  # entropy not measured here
 
-    engine_mod.response_logprobs = variant
+    def linear_head(flat_h, flat_y, weight, bias, *, temperature=1.0, with_entropy=False, **_):
+        project = lambda h: F.linear(h, weight, bias)  # noqa: E731
+        return head_logprobs(project, weight, flat_h, flat_y, temperature, with_entropy)
+
+    def module_head(flat_h, flat_y, head, *, temperature=1.0, with_entropy=False, **_):
+        return head_logprobs(head, head.weight, flat_h, flat_y, temperature, with_entropy)
+
+    logprobs.fused_logprobs, logprobs.checkpointed_logprobs = linear_head, module_head
     return "naive (full-vocab fp32 logits)" if kind == "naive" else f"fused ({fused[1]})"
 
 

@@ -383,11 +383,10 @@ def main() -> None:
             else:
                 for cores in splits if system == "async" else [(1, 1)]:
                     for whole in (False, True) if args.before else (False,):
-                        row = run_project(
-                            system, args.steps, args.warmup, Path(tmp), cores, whole, tuple(args.extra)
-                        )
+                        extra = tuple(args.extra)
+                        row = run_project(system, args.steps, args.warmup, Path(tmp), cores, whole, extra)
                         rows.append(row)
-                        print(json.dumps(rows[-1]), flush=True)
+                        print(json.dumps(row), flush=True)
                 continue
             print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["system"] == "trl-grpo"), None)

@@ -126,11 +126,13 @@ def test_offpolicy_learning(tmp_path: Path) -> None:
 def test_peer_trl_project_side(tmp_path: Path) -> None:
     """The project's side of the peer bench (the TRL side needs its own environment, built by --setup) and
     the learner's floor. The whole-rows rows (``--before``) are the same loop with one override, so the smoke
-    leaves them out: each is another coordinator start."""
-    args = ["--systems", "async", "--steps", "3", "--warmup", "1", "--no-before"]
+    leaves them out: each is another coordinator start. ``--set`` reaches the run and is recorded."""
+    extra = "generator.max_tokens=40"  # the bench's own is 48
+    args = ["--systems", "async", "--steps", "3", "--warmup", "1", "--no-before", "--set", extra]
     result = _bench("peer_trl", args, tmp_path)
     rows = result["rows"]
     assert [r["system"] for r in rows] == ["project-async"]
+    assert rows[0]["overrides"] == [extra]
     for row in rows:
         assert row["batches_measured"] == 2 and row["completions_per_s"] > 0
         prof = row["profile_s"]
