@@ -82,7 +82,11 @@ def build_llm(
 
 
 def sampling_params(n: int, temperature: float, top_p: float, max_tokens: int, seed: int):
-    """vLLM ``SamplingParams`` for ``n`` samples that also return each sampled token's own log-prob."""
+    """vLLM ``SamplingParams`` for ``n`` samples that also return each sampled token's own log-prob.
+
+    The engine does no per-token text work: no incremental detokenization (``completions`` decodes each
+    response once, from its token ids) and the log-probs in vLLM's flat lists rather than a dict of
+    ``Logprob`` objects (each with its decoded token) per sampled token."""
     from vllm import SamplingParams
 
     if n < 1 or max_tokens < 1:
@@ -94,19 +98,28 @@ def sampling_params(n: int, temperature: float, top_p: float, max_tokens: int, s
         max_tokens=max_tokens,
         seed=seed,
         logprobs=0,  # 0 = only the sampled token's log-prob: the behaviour policy
+        detokenize=False,
+        flat_logprobs=True,
     )
 
 
-def completions(out) -> list[tuple[list[int], list[float], str, str]]:
+def completions(out, tokenizer) -> list[tuple[list[int], list[float], str, str]]:
     """``(token_ids, sampled-token log-probs, text, finish_reason)`` of each child of a ``RequestOutput``,
-    in child order. Log-probs are clamped to <= 0 (fp rounding can give +1e-7)."""
+    in child order; the text is ``tokenizer``'s decoding of the token ids (special tokens skipped, as
+    vLLM's own detokenizer does). Log-probs are clamped to <= 0 (fp rounding can give +1e-7)."""
+    children = sorted(out.outputs, key=lambda c: c.index)
+    texts = tokenizer.batch_decode([list(c.token_ids) for c in children], skip_special_tokens=True)
     result = []
-    for comp in sorted(out.outputs, key=lambda c: c.index):
-        if comp.logprobs is None:
+    for comp, text in zip(children, texts, strict=True):
+        flat = comp.logprobs
+        if flat is None:
             raise RuntimeError("vLLM returned no logprobs although SamplingParams.logprobs=0 was set")
-        lps = [
-            min(float(step[tok].logprob), 0.0)
-            for tok, step in zip(comp.token_ids, comp.logprobs, strict=True)
-        ]
-        result.append((list(comp.token_ids), lps, comp.text, str(comp.finish_reason)))
+        # logprobs=0: each position holds one entry, the sampled token's own
+        sampled = [flat.token_ids[i] for i in flat.start_indices]
+        if sampled != list(comp.token_ids) or len(flat.logprobs) != len(sampled):
+            raise RuntimeError(
+                "vLLM's flat logprobs do not hold exactly the sampled tokens, one per position"
+            )
+        lps = [min(float(x), 0.0) for x in flat.logprobs]
+        result.append((list(comp.token_ids), lps, text, str(comp.finish_reason)))
     return result

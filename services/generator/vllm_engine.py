@@ -95,6 +95,7 @@ class VllmRolloutEngine:
             in_process=self.in_process,
         )
         self.rpc = EngineRpc(self.llm)
+        self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, tasks: Sequence[RolloutTask]) -> list[list[Rollout]]:
         """``task.group_size`` samples per task, all with the weights currently loaded."""
@@ -115,7 +116,7 @@ class VllmRolloutEngine:
         return [
             [
                 Rollout(token_ids=tokens, logprobs=lps, finish_reason=_FINISH.get(finish, "abort"), text=text)
-                for tokens, lps, text, finish in completions(out)
+                for tokens, lps, text, finish in completions(out, self.tokenizer)
             ]
             for out in outputs
         ]

@@ -53,7 +53,31 @@ _VLLM_SCRIPT = textwrap.dedent(
     prompts = prompt_ids(model_dir, heldout)
     # The generator's own sampling path: tasks through the RolloutEngine, with behaviour log-probs.
     probe = EvalSet("probe", tuple(heldout[:n_prompts]), n_samples)
-    groups = sample_tasks(engine, eval_tasks(cfg, probe, prompts[:n_prompts], step=123, version=0))
+    tasks = eval_tasks(cfg, probe, prompts[:n_prompts], step=123, version=0)
+    groups = sample_tasks(engine, tasks)
+    # The same requests (same seeds) with vLLM's own per-token detokenizer and log-prob dicts, which the
+    # generator turns off: its texts and log-probs must be these.
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    reference = engine.llm.generate(
+        [TokensPrompt(prompt_token_ids=t.prompt_token_ids.tolist()) for t in tasks],
+        [
+            SamplingParams(
+                n=t.group_size, temperature=t.sampling.temperature, top_p=t.sampling.top_p,
+                max_tokens=t.sampling.max_tokens, seed=t.sampling_seed(engine.seed), logprobs=0,
+            )
+            for t in tasks
+        ],
+        use_tqdm=False,
+    )
+    vllm_own = [
+        [
+            {"token_ids": list(c.token_ids), "text": c.text,
+             "logprobs": [min(float(step[tok].logprob), 0.0) for tok, step in zip(c.token_ids, c.logprobs)]}
+            for c in sorted(out.outputs, key=lambda c: c.index)
+        ]
+        for out in reference
+    ]
     started = time.perf_counter()
     result = evaluate_engine(engine, cfg, heldout, prompts, 8)
     eval_s = time.perf_counter() - started
@@ -76,6 +100,7 @@ _VLLM_SCRIPT = textwrap.dedent(
                 ]
                 for g in groups
             ],
+            "vllm_own": vllm_own,
             "eval": result,
         },
         open(out, "w"),
@@ -221,6 +246,16 @@ def test_vllm_logprobs_match_transformers(model_dir: Path, vllm_run: dict) -> No
     assert max_diff < LOGPROB_TOL
     # The SFT taught the format: most samples end with </answer> followed by eos.
     assert stopped_on_eos >= 0.8 * N_LOGPROB_PROMPTS * N_LOGPROB_SAMPLES
+
+
+@pytest.mark.slow
+def test_generator_text_and_logprobs_are_vllms_own(vllm_run: dict) -> None:
+    """The generator samples with vLLM's detokenizer off and flat log-probs, and decodes each response once:
+    the same requests with vLLM's per-token detokenizer and log-prob dicts give the same tokens, texts and
+    log-probs."""
+    ours = [[{k: r[k] for k in ("token_ids", "text", "logprobs")} for r in g] for g in vllm_run["samples"]]
+    assert ours == vllm_run["vllm_own"]
+    assert sum(bool(r["text"]) for g in ours for r in g) == N_LOGPROB_PROMPTS * N_LOGPROB_SAMPLES
 
 
 @pytest.mark.slow
