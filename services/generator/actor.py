@@ -6,6 +6,9 @@ import dataclasses
 import logging
 import os
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import ray
 
@@ -13,6 +16,25 @@ from services.common.config import RunConfig
 from services.common.logs import setup_logging
 from services.common.paths import set_cache_env
 from services.common.stats import GeneratorStats
+
+
+class EngineThread:
+    """The engine ``build()`` returns, built on a thread of its own and called only there.
+
+    vLLM's CPU worker sets up the OpenMP threads of the thread that builds the engine. This actor's methods
+    run on Ray's pool threads (it takes control calls while ``run()`` loops), and from one of those the
+    same engine sampled a 16 x 8 batch in 0.50 s against 0.34 s from the thread that built it (two CPUs,
+    the tiny model). Calls are serialised: one at a time, in the order they come."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
+        self._engine = self._thread.submit(build).result()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._engine, name)
+        if not callable(attr):
+            return attr
+        return lambda *args, **kwargs: self._thread.submit(attr, *args, **kwargs).result()
 
 
 @ray.remote(max_concurrency=4)
@@ -30,7 +52,9 @@ class GeneratorActor:
 
         self.cfg = cfg
         run = cfg.coordinator.run_name
-        self.engine = VllmRolloutEngine(model_dir, cfg.model, cfg.generator, seed=cfg.generator.seed + index)
+        self.engine = EngineThread(
+            lambda: VllmRolloutEngine(model_dir, cfg.model, cfg.generator, seed=cfg.generator.seed + index)
+        )
         queue = StreamQueue(redis_url, run, block_ms=cfg.queue.block_ms)
         queue.ensure_groups()
         self.gen = Generator(
