@@ -375,7 +375,7 @@ def main() -> None:
         return
     if "trl" in args.systems and not (VENV / "bin" / "python").exists():
         raise SystemExit(f"no TRL environment at {VENV}: run `python bench/peer_trl.py --setup` first")
-    rows = []
+    rows, extra = [], tuple(args.extra)
     with tempfile.TemporaryDirectory() as tmp:
         for system in args.systems:
             if system == "trl":
@@ -383,7 +383,6 @@ def main() -> None:
             else:
                 for cores in splits if system == "async" else [(1, 1)]:
                     for whole in (False, True) if args.before else (False,):
-                        extra = tuple(args.extra)
                         row = run_project(system, args.steps, args.warmup, Path(tmp), cores, whole, extra)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
