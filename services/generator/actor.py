@@ -21,10 +21,11 @@ from services.common.stats import GeneratorStats
 class EngineThread:
     """The engine ``build()`` returns, built on a thread of its own and called only there.
 
-    vLLM's CPU worker sets up the OpenMP threads of the thread that builds the engine. This actor's methods
-    run on Ray's pool threads (it takes control calls while ``run()`` loops), and from one of those the
-    same engine sampled a 16 x 8 batch in 0.50 s against 0.34 s from the thread that built it (two CPUs,
-    the tiny model). Calls are serialised: one at a time, in the order they come."""
+    This actor's methods run on Ray's pool threads (it takes control calls while ``run()`` loops), and from
+    one of those an in-process vLLM CPU engine sampled a 16 x 8 batch in 0.50 s against 0.34 s from the
+    thread that built it (two CPUs, the tiny model; the same thread count and affinity in both, so most
+    likely the OpenMP state vLLM's worker sets up on its building thread). Calls are serialised: one at a
+    time, in the order they come."""
 
     def __init__(self, build: Callable[[], Any]) -> None:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
