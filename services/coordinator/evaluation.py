@@ -65,8 +65,10 @@ def eval_tasks(cfg: RunConfig, eval_set: EvalSet, prompts: Sequence[Sequence[int
     """The sampling tasks of one evaluation of ``eval_set`` at ``step``: ``samples`` responses per problem
     at ``coordinator.eval_temperature``, sampled by a snapshot >= ``version``.
 
-    Seeds come from ``generator.seed`` and the set, step and problem, never from the run name: two runs
-    that differ only in their objective evaluate with the same random numbers (paired comparisons).
+    Seeds come from ``generator.seed``, the set and the problem, never from the run name or the step:
+    two runs that differ only in their objective evaluate with the same random numbers, and so do two
+    evaluations of one run, so a run's gain over its base model (the step-0 evaluation) and the
+    LPO-minus-PG difference are both common-random-number comparisons (``step`` names the tasks only).
     """
     gen, c = cfg.generator, cfg.coordinator
     return [
@@ -82,7 +84,7 @@ def eval_tasks(cfg: RunConfig, eval_set: EvalSet, prompts: Sequence[Sequence[int
                 top_p=gen.top_p,
                 max_tokens=gen.max_tokens,
                 seed=gen.seed,
-                seed_key=f"eval/{eval_set.name}/{step}/{i}",
+                seed_key=f"eval/{eval_set.name}/{i}",
             ),
             admit_version=version,
         )

@@ -114,13 +114,19 @@ def test_summarize_is_the_unbiased_estimator_per_problem() -> None:
     assert pass_at_k(8, 1, 1) == 1 / 8
 
 
-def test_eval_seeds_depend_on_set_step_and_seed_not_on_the_run_name() -> None:
-    (s,) = eval_sets(build_config({}, ["coordinator.eval_problems=2"]))
-    seeds = lambda cfg, step: [t.sampling_seed(0) for t in eval_tasks(cfg, s, [[1]] * 2, step, 0)]  # noqa: E731
+def test_eval_seeds_depend_on_set_problem_and_seed_not_on_the_run_name_or_step() -> None:
+    cfg = build_config({}, ["coordinator.eval_problems=2", "data.eval_sets=[{name: a}, {name: b}]"])
+    s, t = eval_sets(cfg)
+    seeds = lambda cfg, step, s=s: [t.sampling_seed(0) for t in eval_tasks(cfg, s, [[1]] * 2, step, 0)]  # noqa: E731
     a = build_config({}, ["coordinator.run_name=a"])
     b = build_config({}, ["coordinator.run_name=b"])
     assert seeds(a, 0) == seeds(b, 0)
-    assert seeds(a, 0) != seeds(a, 10)
+    # every evaluation of a run draws problem i's samples with the same random numbers (the gain over the
+    # step-0 evaluation is paired), but the tasks of two evaluations keep distinct ids
+    assert seeds(a, 0) == seeds(a, 10)
+    ids = lambda step: {task.task_id for task in eval_tasks(a, s, [[1]] * 2, step, 0)}  # noqa: E731
+    assert not ids(0) & ids(10)
+    assert len(set(seeds(a, 0))) == 2 and set(seeds(a, 0)).isdisjoint(seeds(a, 0, t))
     assert seeds(a, 0) != seeds(build_config({}, ["generator.seed=1"]), 0)
 
 
