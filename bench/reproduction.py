@@ -411,6 +411,16 @@ def markdown(result: dict) -> str:
     lines = [
         f"{result['study']}: {len(result['runs'])} of {result['planned_runs']} runs, {result['steps']} steps"
     ]
+    cpus: dict[int, set[str]] = {}  # seed -> the CPUs its runs ran on (one, for an exact pairing)
+    for r in result["runs"]:
+        cpus.setdefault(r["seed"], set()).add(r.get("cpu", "not recorded"))
+    kinds = sorted(set().union(*cpus.values())) if cpus else []
+    mixed = sorted(s for s, c in cpus.items() if len(c) > 1)
+    lines.append(
+        "CPUs: "
+        + "; ".join(f"{k}: seeds {sorted(s for s, c in cpus.items() if k in c)}" for k in kinds)
+        + (f" (seeds whose runs span CPUs: {mixed})" if mixed else "")
+    )
     if result.get("selection"):
         sel = result["selection"]
         lines += [
