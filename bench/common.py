@@ -41,6 +41,29 @@ def run_coordinator(
     return runs_dir / name
 
 
+def cpu_model() -> str:
+    """The CPU this runs on (model, and whether it has AVX-512). Kernels round differently on AVX-512 and
+    AVX2 in the last bits, which a training run grows into a different trajectory: the same seed and code
+    reproduce a run only on the same CPU kind, and the machines this project is measured on vary."""
+    model, avx512 = "unknown", False
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                avx512 = avx512 or " avx512f" in line
+    except OSError:
+        pass
+    return f"{model} ({'AVX-512' if avx512 else 'no AVX-512'})"
+
+
+def head_commit() -> str:
+    """The checkout's commit (short), with ``+dirty`` where tracked files differ from it."""
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=REPO, capture_output=True, text=True)
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

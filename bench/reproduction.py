@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ASYNC_CORES, REPO, RESULTS, read_jsonl, run_coordinator
+from common import ASYNC_CORES, REPO, RESULTS, cpu_model, read_jsonl, run_coordinator
 
 OBJECTIVES = ("pg", "lpo_fwd", "lpo_rev")
 PER_STEP = ("entropy", "grad_norm", "grad_clip_fraction", "drift", "abs_s_theta", "kl_proximal",
@@ -212,7 +212,7 @@ def _run(setting: str, overrides: list[str], seed: int, args: argparse.Namespace
         "setting": setting,
         "seed": seed,
         "commit": _commit(),
-        "cpu": _cpu(),
+        "cpu": cpu_model(),
         "wall_s": round(time.time() - started, 1),
         "curves": curves,
         "correct_first_last": correct,
@@ -227,21 +227,6 @@ def _run(setting: str, overrides: list[str], seed: int, args: argparse.Namespace
 CODE = ("services/common", "services/coordinator", "services/generator", "services/learner",
         "services/verifier/rules", "services/verifier/scoring.py", "services/verifier/worker.py",
         "configs/countdown-tiny.yaml", "models")  # fmt: skip
-
-
-def _cpu() -> str:
-    """The CPU a run ran on. Its kernels (AVX-512 or AVX2) round differently in the last bits, which RL grows
-    into a different trajectory, so the runs of one seed are paired exactly only when they share a CPU."""
-    model, avx512 = "unknown", False
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                avx512 = avx512 or " avx512f" in line
-    except OSError:
-        pass
-    return f"{model} ({'AVX-512' if avx512 else 'no AVX-512'})"
 
 
 def _commit() -> str:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, read_jsonl, run_coordinator
+from common import RESULTS, cpu_model, head_commit, read_jsonl, run_coordinator
 
 PASS1_GAIN = 0.05  # the default run's bar: held-out Pass@1 at least base + 0.05, Pass@8 at least base
 
@@ -55,6 +55,8 @@ def run_seed(config: str, name: str, seed: int, extra: list[str], tmp: Path) -> 
             sets[set_name]["check"] = _check(first["pass_at"], last["pass_at"])
     return {
         "seed": seed,
+        "commit": head_commit(),
+        "cpu": cpu_model(),
         "wall_s": round(wall, 1),
         "steps": len(steps),
         "headline": evals[0]["eval_set"],
