@@ -160,6 +160,9 @@ class GeneratorConfig(_Section):
     """Skip graph capture / torch.compile (faster start on small CPU machines)."""
     kv_cache_gib: float = Field(1.0, gt=0.0, le=1024.0)
     """KV-cache memory per engine (VLLM_CPU_KVCACHE_SPACE on CPU)."""
+    max_num_seqs: int | None = Field(None, ge=1, le=65536)
+    """Most sequences vLLM schedules in one batch; None: vLLM's default for the device (256 on a CPU,
+    1024 on an H100/H200). The KV cache (``kv_cache_gib``) must hold that many, or vLLM preempts them."""
 
 
 class VerifierConfig(_Section):

@@ -43,7 +43,7 @@ def build_llm(
     dtype: str = "float32",
     max_model_len: int = 128,
     kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES,
-    max_num_seqs: int = 256,
+    max_num_seqs: int | None = None,
     enforce_eager: bool = True,
     enable_chunked_prefill: bool = False,
     logprobs_mode: str = "processed_logprobs",

@@ -91,6 +91,7 @@ class VllmRolloutEngine:
             max_model_len=self.model_cfg.max_model_len,
             kv_cache_memory_bytes=int(self.gen.kv_cache_gib * 1024**3),
             enforce_eager=self.gen.enforce_eager,
+            max_num_seqs=self.gen.max_num_seqs,
             worker_extension_cls=WORKER_EXTENSION,
             in_process=self.in_process,
         )

@@ -46,7 +46,7 @@ _VLLM_SCRIPT = textwrap.dedent(
 
     model_dir, out, n_prompts, n_samples = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     started = time.perf_counter()
-    cfg = tools_config(seed=0, temperature=1.0, max_tokens=64)
+    cfg = tools_config(seed=0, temperature=1.0, max_tokens=64, extra=["generator.max_num_seqs=384"])
     engine = build_engine(model_dir, cfg)
     startup_s = time.perf_counter() - started
     heldout = [countdown_problem(p) for p in heldout_problems(256)]
@@ -84,6 +84,7 @@ _VLLM_SCRIPT = textwrap.dedent(
     json.dump(
         {
             "dtype": str(engine.llm.llm_engine.model_config.dtype),
+            "max_num_seqs": engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
             "startup_s": startup_s,
             "eval_s": eval_s,
             "prompts": [p.prompt for p in heldout[:n_prompts]],
@@ -256,6 +257,11 @@ def test_generator_text_and_logprobs_are_vllms_own(vllm_run: dict) -> None:
     ours = [[{k: r[k] for k in ("token_ids", "text", "logprobs")} for r in g] for g in vllm_run["samples"]]
     assert ours == vllm_run["vllm_own"]
     assert sum(bool(r["text"]) for g in ours for r in g) == N_LOGPROB_PROMPTS * N_LOGPROB_SAMPLES
+
+
+def test_generator_max_num_seqs_reaches_vllm(vllm_run: dict) -> None:
+    """``generator.max_num_seqs`` is the engine's scheduler limit (vLLM's CPU default is 256)."""
+    assert vllm_run["max_num_seqs"] == 384
 
 
 @pytest.mark.slow
