@@ -58,9 +58,13 @@ def cpu_model() -> str:
 
 
 def head_commit() -> str:
-    """The checkout's commit (short), with ``+dirty`` where tracked files differ from it."""
+    """The checkout's commit (short), with ``+dirty`` where tracked files other than results and docs
+    differ from it (a bench writes its results while it runs)."""
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "-uno", "--", ".", ":!bench/results", ":!docs", ":!README.md"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
     return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
