@@ -116,17 +116,20 @@ def test_summarize_is_the_unbiased_estimator_per_problem() -> None:
 
 def test_eval_seeds_depend_on_set_problem_and_seed_not_on_the_run_name_or_step() -> None:
     cfg = build_config({}, ["coordinator.eval_problems=2", "data.eval_sets=[{name: a}, {name: b}]"])
-    s, t = eval_sets(cfg)
-    seeds = lambda cfg, step, s=s: [t.sampling_seed(0) for t in eval_tasks(cfg, s, [[1]] * 2, step, 0)]  # noqa: E731
+    set_a, set_b = eval_sets(cfg)
+
+    def seeds(cfg, step, eval_set=set_a):
+        return [task.sampling_seed(0) for task in eval_tasks(cfg, eval_set, [[1]] * 2, step, 0)]
+
     a = build_config({}, ["coordinator.run_name=a"])
     b = build_config({}, ["coordinator.run_name=b"])
     assert seeds(a, 0) == seeds(b, 0)
     # every evaluation of a run draws problem i's samples with the same random numbers (the gain over the
     # step-0 evaluation is paired), but the tasks of two evaluations keep distinct ids
     assert seeds(a, 0) == seeds(a, 10)
-    ids = lambda step: {task.task_id for task in eval_tasks(a, s, [[1]] * 2, step, 0)}  # noqa: E731
+    ids = lambda step: {task.task_id for task in eval_tasks(a, set_a, [[1]] * 2, step, 0)}  # noqa: E731
     assert not ids(0) & ids(10)
-    assert len(set(seeds(a, 0))) == 2 and set(seeds(a, 0)).isdisjoint(seeds(a, 0, t))
+    assert len(set(seeds(a, 0))) == 2 and set(seeds(a, 0)).isdisjoint(seeds(a, 0, set_b))
     assert seeds(a, 0) != seeds(build_config({}, ["generator.seed=1"]), 0)
 
 
